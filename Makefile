@@ -1,0 +1,65 @@
+# remem: every entry point is a make target; CI calls `make test` (see .ci/run).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+STAMP := $(VENV)/.installed
+# Debian packages the tests drive as real peers: NBD clients, nbdkit as the
+# reference server, fio, a Prometheus server, iproute2 for network namespaces.
+DEB_PACKAGES := nbdkit libnbd-bin qemu-utils fio prometheus gcc iproute2 fuse3 util-linux
+DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfuse losetup
+STATE_DIR ?= $(CURDIR)/state
+
+.PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
+        bench-pageserver up clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Installs the Debian packages only when one of their commands is missing, so a
+# warm machine pays nothing and a fresh one needs no manual step.
+deps:
+	@missing=""; for c in $(DEB_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES) >/dev/null; \
+	fi
+
+lint: install
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# The default suite: unit + integration, real processes on loopback.
+test: deps install lint typecheck
+	$(PYTEST) -m "not slow and not root and not bench" -q
+
+test-unit: install
+	$(PYTEST) tests/unit -q
+
+test-integration: deps install
+	$(PYTEST) tests/integration -m "not slow and not root and not bench" -q
+
+test-slow: deps install
+	$(PYTEST) -m "slow and not root" -q
+
+test-root: deps install
+	$(PYTEST) -m "root" -q
+
+bench-pageserver: install
+	$(PY) -m remem_pageserver.bench
+
+up: install
+	$(VENV)/bin/remem up --state-dir $(STATE_DIR)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

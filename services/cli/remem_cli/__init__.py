@@ -1,0 +1,1 @@
+"""The `remem` command: one subcommand per service plus operator commands."""

@@ -1,0 +1,104 @@
+"""Command-line and environment configuration shared by every remem service.
+
+Each service describes its settings as one frozen pydantic model. `load_config` turns the
+model's fields into flags (`--metrics-port`) and environment variables
+(`REMEM_PAGESERVER_METRICS_PORT`), with flag > environment > default, validates the result
+before anything is bound, and on a bad value prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+EXIT_CONFIG_ERROR = 2
+
+
+class ServiceConfig(BaseModel):
+    """Base of every service's config: frozen, and unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, as the services promise."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def env_name(prefix: str, field: str) -> str:
+    """The environment variable that sets `field`, e.g. REMEM_PAGESERVER_METRICS_PORT."""
+    return f"{prefix}{field.upper()}"
+
+
+def load_config(
+    model: type[ModelT],
+    argv: list[str] | None,
+    *,
+    prog: str,
+    env_prefix: str,
+    description: str = "",
+    environ: dict[str, str] | None = None,
+) -> ModelT:
+    """Parse flags and environment into a validated `model`, or exit 2 with one line.
+
+    Args:
+        model: the service's frozen settings model; each field becomes a flag.
+        argv: arguments after the program name (None means sys.argv[1:]).
+        prog: program name used in messages, e.g. "remem pageserver".
+        env_prefix: e.g. "REMEM_PAGESERVER_"; the field name upper-cased follows it.
+        description: help text.
+        environ: the environment to read (default os.environ).
+
+    Returns:
+        The validated config. `--print-config` prints it as JSON and exits 0.
+    """
+    env = os.environ if environ is None else environ
+    parser = _OneLineParser(prog=prog, description=description)
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "") + f" [env {env_name(env_prefix, name)}]"
+        if _is_bool(field.annotation):
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective config and exit"
+    )
+    namespace = parser.parse_args(argv)
+
+    values: dict[str, Any] = {}
+    for name in model.model_fields:
+        from_env = env.get(env_name(env_prefix, name))
+        if from_env is not None:
+            values[name] = from_env
+        from_flag = getattr(namespace, name)
+        if from_flag is not None:
+            values[name] = from_flag
+    try:
+        config = model.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        flag = "--" + where.replace("_", "-")
+        sys.stderr.write(f"{prog}: invalid {flag}: {first['msg']}\n")
+        sys.exit(EXIT_CONFIG_ERROR)
+    if namespace.print_config:
+        sys.stdout.write(
+            json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        )
+        sys.exit(0)
+    return config

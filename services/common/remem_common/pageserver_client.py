@@ -1,0 +1,207 @@
+"""A blocking client of one page server, for tools, tests and benchmarks.
+
+The NBD client's hot path uses its own asyncio sender; this one keeps each call simple
+(send, wait for the matching reply with a timeout) and offers `pipeline` for throughput runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import numpy as np
+import zmq
+from pydantic import BaseModel, Field, TypeAdapter
+
+from remem_common.framing import decode, encode
+from remem_common.protocol.client_pageserver import (
+    DeletePagesReply,
+    DeletePagesRequest,
+    GetPagesReply,
+    GetPagesRequest,
+    PutPagesReply,
+    PutPagesRequest,
+)
+from remem_common.protocol.envelope import ErrorCode, ErrorReply
+from remem_common.protocol.pages import (
+    KeyArray,
+    PageArray,
+    U32Array,
+    checksum_pages,
+    unpack_crcs,
+    unpack_pages,
+)
+from remem_common.protocol.pageserver_placement import (
+    DropSlabReply,
+    DropSlabRequest,
+    ListInventoryReply,
+    ListInventoryRequest,
+    PushSlabReply,
+    PushSlabRequest,
+)
+
+AnyReply = Annotated[
+    PutPagesReply
+    | GetPagesReply
+    | DeletePagesReply
+    | ListInventoryReply
+    | DropSlabReply
+    | PushSlabReply
+    | ErrorReply,
+    Field(discriminator="type"),
+]
+REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
+
+
+class PageServerError(Exception):
+    """The page server answered with an error reply."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class PageServerTimeout(Exception):
+    """No reply within the timeout."""
+
+
+class PageServerClient:
+    """Blocking requests to one page server over a DEALER socket."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self._own_context = context is None
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        self.socket: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> PageServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send(self, msg: BaseModel, *payload: Any) -> None:
+        self.socket.send_multipart(encode(msg, *payload), copy=False)
+
+    def receive(self, timeout: float | None = None) -> tuple[Any, list[Any]]:
+        """The next reply and its payload frames; raises on error replies and timeouts."""
+        wait = self.timeout if timeout is None else timeout
+        if not self.socket.poll(int(wait * 1000)):
+            raise PageServerTimeout(f"no reply from {self.endpoint} in {wait}s")
+        frames = self.socket.recv_multipart()
+        reply, payload = decode(frames, REPLY_ADAPTER)
+        if isinstance(reply, ErrorReply):
+            raise PageServerError(reply.error_code, reply.detail)
+        return reply, payload
+
+    def call(self, msg: BaseModel, *payload: Any, timeout: float | None = None) -> Any:
+        """Send one request and wait for its reply (the reply model, payload in `.payload`)."""
+        self.send(msg, *payload)
+        reply, frames = self.receive(timeout)
+        return reply, frames
+
+    # -- page operations -------------------------------------------------------------------
+
+    def put(self, tenant: str, volume: int, keys: KeyArray, pages: PageArray) -> int:
+        crcs = checksum_pages(pages)
+        reply, _ = self.call(
+            PutPagesRequest(
+                msg_id=self.next_id(), tenant=tenant, volume=volume, count=keys.shape[0]
+            ),
+            keys,
+            crcs,
+            np.ascontiguousarray(pages),
+        )
+        assert isinstance(reply, PutPagesReply)
+        return reply.stored
+
+    def get(
+        self, tenant: str, volume: int, keys: KeyArray
+    ) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], U32Array, PageArray]:
+        """(found, checksums, data) for `keys`."""
+        count = keys.shape[0]
+        reply, frames = self.call(
+            GetPagesRequest(msg_id=self.next_id(), tenant=tenant, volume=volume, count=count),
+            keys,
+        )
+        assert isinstance(reply, GetPagesReply)
+        found = np.frombuffer(frames[0], dtype=np.uint8).astype(np.bool_)
+        return found, unpack_crcs(frames[1], count), unpack_pages(frames[2], count)
+
+    def delete(self, tenant: str, volume: int, keys: KeyArray) -> int:
+        reply, _ = self.call(
+            DeletePagesRequest(
+                msg_id=self.next_id(), tenant=tenant, volume=volume, count=keys.shape[0]
+            ),
+            keys,
+        )
+        assert isinstance(reply, DeletePagesReply)
+        return reply.deleted
+
+    # -- slab operations -------------------------------------------------------------------
+
+    def inventory(self) -> ListInventoryReply:
+        reply, _ = self.call(ListInventoryRequest(msg_id=self.next_id()))
+        assert isinstance(reply, ListInventoryReply)
+        return reply
+
+    def drop_slab(self, tenant: str, volume: int, slab: int) -> int:
+        reply, _ = self.call(
+            DropSlabRequest(msg_id=self.next_id(), tenant=tenant, volume=volume, slab=slab)
+        )
+        assert isinstance(reply, DropSlabReply)
+        return reply.dropped
+
+    def push_slab(
+        self, tenant: str, volume: int, slab: int, target: str, *, timeout: float = 30.0
+    ) -> PushSlabReply:
+        reply, _ = self.call(
+            PushSlabRequest(
+                msg_id=self.next_id(),
+                tenant=tenant,
+                volume=volume,
+                slab=slab,
+                target_endpoint=target,
+                timeout=timeout,
+            ),
+            timeout=timeout + 5,
+        )
+        assert isinstance(reply, PushSlabReply)
+        return reply
+
+    def pipeline(self, requests: Iterable[tuple[BaseModel, tuple[Any, ...]]], window: int) -> int:
+        """Send requests keeping up to `window` in flight; returns how many were answered."""
+        inflight = 0
+        answered = 0
+        for msg, payload in requests:
+            if inflight >= window:
+                self.receive()
+                inflight -= 1
+                answered += 1
+            self.send(msg, *payload)
+            inflight += 1
+        while inflight:
+            self.receive()
+            inflight -= 1
+            answered += 1
+        return answered

@@ -1,0 +1,11 @@
+"""remem's wire protocol: one module per service boundary, all sharing `envelope` and `framing`.
+
+| module                | boundary                          |
+|-----------------------|-----------------------------------|
+| `client_pageserver`   | client -> page server (data plane) |
+| `pageserver_placement`| page server <-> placement         |
+| `pageserver_peer`     | page server -> page server (slab push) |
+
+Every module's docstring is its spec. `PROTOCOL_VERSION` in `envelope` is the one version of
+the whole wire; bump it on any incompatible change and translate old shapes in `adapt()`.
+"""

@@ -1,0 +1,47 @@
+"""Page server -> page server: slab transfer for re-replication (protocol version 1).
+
+Sockets
+-------
+The source page server (ordered by placement with `push_slab_request`) connects a DEALER to
+the target's data ROUTER and streams the slab as `receive_slab_pages_request` chunks, a
+bounded window of them in flight, each answered by `receive_slab_pages_reply`.
+
+Payload frames of `receive_slab_pages_request`: page indices (count x u32, within the slab),
+checksums (count x u32 CRC-32C), data (count x 4096 bytes); codecs in `protocol.pages`.
+
+Ordering with live writes: a client may write a page to the target (already its replica in
+the new map) while the push is in flight; the pushed copy is older. So the target stores a
+pushed page only where it holds none yet, unless `overwrite` is set (used when the target's
+copy is known stale). The reply counts pages stored and pages skipped as already present.
+
+Errors: `error_reply` with `malformed`, `bad_checksum` (nothing of the chunk stored),
+`no_space` (nothing of the chunk stored).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from remem_common.protocol.client_pageserver import PageCount, SlabId, Tenant, VolumeId
+from remem_common.protocol.envelope import Reply, Request
+from remem_common.protocol.pageserver_placement import ServerId
+
+
+class ReceiveSlabPagesRequest(Request):
+    """One chunk of a slab push. Payload: page indices, checksums, data."""
+
+    type: Literal["receive_slab_pages_request"] = "receive_slab_pages_request"
+    source_server: ServerId
+    tenant: Tenant
+    volume: VolumeId
+    slab: SlabId
+    count: PageCount
+    overwrite: bool = False
+
+
+class ReceiveSlabPagesReply(Reply):
+    type: Literal["receive_slab_pages_reply"] = "receive_slab_pages_reply"
+    stored: int = Field(ge=0)
+    skipped: int = Field(ge=0)

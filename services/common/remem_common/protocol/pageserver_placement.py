@@ -1,0 +1,138 @@
+"""Page server <-> placement: registration, heartbeats and slab orders (protocol version 1).
+
+Sockets
+-------
+- Placement binds a ROUTER (`--listen` of `remem placement`). A page server connects a DEALER
+  and sends `register_server_request` at start, then `heartbeat_request` every
+  `heartbeat_interval` seconds (from the register reply). Placement answers each.
+- Placement reaches a page server's own ROUTER (its data endpoint) with a DEALER to give
+  slab orders. A page server answers `push_slab_request` only when the push is finished.
+
+Messages
+--------
+| request                     | sender     | reply                       |
+|-----------------------------|------------|-----------------------------|
+| register_server_request     | pageserver | register_server_reply       |
+| heartbeat_request           | pageserver | heartbeat_reply             |
+| list_inventory_request      | placement  | list_inventory_reply        |
+| drop_slab_request           | placement  | drop_slab_reply             |
+| push_slab_request           | placement  | push_slab_reply (when done) |
+
+`push_slab_request` orders the page server to copy every page it holds of one slab straight
+to `target_endpoint` (another page server) with `pageserver_peer` messages: the data moves
+A -> B and never passes through placement. The reply counts pages and bytes sent, or is an
+`error_reply` with `unavailable` if the target did not answer in time.
+
+No payload frames on this boundary. Errors: `error_reply` (see `envelope`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
+from remem_common.protocol.envelope import Reply, Request
+
+ServerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://\S{1,250}$")]
+Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
+
+
+class RegisterServerRequest(Request):
+    """A page server announces itself (again after any restart of either side)."""
+
+    type: Literal["register_server_request"] = "register_server_request"
+    server_id: ServerId
+    data_endpoint: Endpoint
+    metrics_url: str = Field(max_length=256)
+    capacity_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+    zone: Zone
+    started_at: float
+
+
+class RegisterServerReply(Reply):
+    type: Literal["register_server_reply"] = "register_server_reply"
+    heartbeat_interval: float = Field(gt=0)
+
+
+class HeartbeatRequest(Request):
+    """I am alive; `under_pressure` asks placement to move slabs off (host needs its RAM)."""
+
+    type: Literal["heartbeat_request"] = "heartbeat_request"
+    server_id: ServerId
+    used_bytes: int = Field(ge=0)
+    capacity_bytes: int = Field(ge=0)
+    under_pressure: bool = False
+
+
+class HeartbeatReply(Reply):
+    """`registered` False means placement does not know this server: register again."""
+
+    type: Literal["heartbeat_reply"] = "heartbeat_reply"
+    registered: bool = True
+
+
+class SlabInventory(BaseModel):
+    """One slab a page server holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: Tenant
+    volume: VolumeId
+    slab: SlabId
+    pages: int = Field(ge=0)
+
+
+class ListInventoryRequest(Request):
+    type: Literal["list_inventory_request"] = "list_inventory_request"
+
+
+class ListInventoryReply(Reply):
+    type: Literal["list_inventory_reply"] = "list_inventory_reply"
+    server_id: ServerId
+    slabs: list[SlabInventory]
+
+
+class DropSlabRequest(Request):
+    type: Literal["drop_slab_request"] = "drop_slab_request"
+    tenant: Tenant
+    volume: VolumeId
+    slab: SlabId
+
+
+class DropSlabReply(Reply):
+    type: Literal["drop_slab_reply"] = "drop_slab_reply"
+    dropped: int = Field(ge=0)
+
+
+class PushSlabRequest(Request):
+    """Copy one slab to another page server directly (re-replication, drain)."""
+
+    type: Literal["push_slab_request"] = "push_slab_request"
+    tenant: Tenant
+    volume: VolumeId
+    slab: SlabId
+    target_endpoint: Endpoint
+    timeout: float = Field(default=10.0, gt=0, le=600)
+
+
+class PushSlabReply(Reply):
+    type: Literal["push_slab_reply"] = "push_slab_reply"
+    pages: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    seconds: float = Field(ge=0)
+    corrupt: int = Field(default=0, ge=0)  # pages skipped: checksum mismatch at the source
+
+
+AdminRequest = Annotated[
+    ListInventoryRequest | DropSlabRequest | PushSlabRequest, Field(discriminator="type")
+]
+ADMIN_REQUEST_ADAPTER: TypeAdapter[AdminRequest] = TypeAdapter(AdminRequest)
+
+ControlRequest = Annotated[RegisterServerRequest | HeartbeatRequest, Field(discriminator="type")]
+CONTROL_REQUEST_ADAPTER: TypeAdapter[ControlRequest] = TypeAdapter(ControlRequest)
+
+ControlReply = Annotated[RegisterServerReply | HeartbeatReply, Field(discriminator="type")]

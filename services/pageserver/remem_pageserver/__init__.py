@@ -1,0 +1,1 @@
+"""remem page server: stores clients' 4 KiB pages in a RAM arena on a memory-donor host."""

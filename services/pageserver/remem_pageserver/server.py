@@ -1,0 +1,606 @@
+"""The page server's ZeroMQ loop: decode requests, call the store, answer; push slabs to peers.
+
+One thread owns the arena: the ROUTER socket, the placement link and every push job are
+served from a single zmq.Poller loop, so the store needs no locks and a push reads a page
+and a client overwrites it in a well-defined order. Batches keep the per-message cost small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import zmq
+from pydantic import Field, TypeAdapter
+from remem_common.framing import decode, encode, split_routing
+from remem_common.protocol.client_pageserver import (
+    DeletePagesReply,
+    DeletePagesRequest,
+    GetPagesReply,
+    GetPagesRequest,
+    PutPagesReply,
+    PutPagesRequest,
+)
+from remem_common.protocol.envelope import (
+    MALFORMED_REASONS,
+    ErrorCode,
+    ErrorReply,
+    ProtocolError,
+)
+from remem_common.protocol.pages import (
+    PAGE_SIZE,
+    bad_checksums,
+    make_keys,
+    unpack_crcs,
+    unpack_keys,
+    unpack_page_indices,
+    unpack_pages,
+)
+from remem_common.protocol.pageserver_peer import ReceiveSlabPagesReply, ReceiveSlabPagesRequest
+from remem_common.protocol.pageserver_placement import (
+    DropSlabReply,
+    DropSlabRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    ListInventoryReply,
+    ListInventoryRequest,
+    PushSlabReply,
+    PushSlabRequest,
+    RegisterServerReply,
+    RegisterServerRequest,
+    SlabInventory,
+)
+
+from remem_pageserver.config import PageServerConfig
+from remem_pageserver.metrics import PageServerMetrics
+from remem_pageserver.store import NoSpaceError, PageStore
+
+log = logging.getLogger("pageserver")
+
+ServedRequest = Annotated[
+    PutPagesRequest
+    | GetPagesRequest
+    | DeletePagesRequest
+    | ListInventoryRequest
+    | DropSlabRequest
+    | PushSlabRequest
+    | ReceiveSlabPagesRequest,
+    Field(discriminator="type"),
+]
+SERVED_ADAPTER: TypeAdapter[ServedRequest] = TypeAdapter(ServedRequest)
+PEER_REPLY_ADAPTER: TypeAdapter[ReceiveSlabPagesReply | ErrorReply] = TypeAdapter(
+    Annotated[ReceiveSlabPagesReply | ErrorReply, Field(discriminator="type")]
+)
+PLACEMENT_REPLY_ADAPTER: TypeAdapter[RegisterServerReply | HeartbeatReply | ErrorReply] = (
+    TypeAdapter(
+        Annotated[RegisterServerReply | HeartbeatReply | ErrorReply, Field(discriminator="type")]
+    )
+)
+
+OP_OF = {
+    "put_pages_request": "put",
+    "get_pages_request": "get",
+    "delete_pages_request": "delete",
+    "list_inventory_request": "inventory",
+    "drop_slab_request": "drop_slab",
+    "push_slab_request": "push_slab",
+    "receive_slab_pages_request": "receive_slab",
+}
+# Messages taken from the ROUTER per poll wake-up before timers and push replies get a turn.
+MAX_BURST = 256
+# A slab push streams chunks of this many pages with this many chunks in flight: 1 MiB
+# chunks amortize per-message cost, and a window of 4 keeps the link busy without letting one
+# push take all of the loop's time from clients.
+PUSH_CHUNK_PAGES = 256
+PUSH_WINDOW = 4
+POLL_MS = 100
+
+Frames = list[Any]
+
+
+@dataclass
+class PushJob:
+    """One slab being copied to a peer; driven by the loop, never blocking it."""
+
+    routing: Frames
+    request: PushSlabRequest
+    socket: zmq.Socket[bytes]
+    pages: np.ndarray[Any, np.dtype[np.uint32]]
+    started: float
+    last_progress: float
+    cursor: int = 0
+    sent_pages: int = 0
+    corrupt: int = 0
+    inflight: dict[int, int] = field(default_factory=dict)
+
+
+class PlacementLink:
+    """Registration and heartbeats to placement over one DEALER; one request in flight."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        make_register: Callable[[int], RegisterServerRequest],
+        make_heartbeat: Callable[[int], HeartbeatRequest],
+        metrics: PageServerMetrics,
+    ) -> None:
+        self.socket: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a placement that is down: a stale heartbeat delivered later lies.
+        self.socket.setsockopt(zmq.IMMEDIATE, 1)
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self._make_register = make_register
+        self._make_heartbeat = make_heartbeat
+        self._metrics = metrics
+        self.registered = False
+        self.interval = 0.5
+        self._pending: tuple[int, float] | None = None
+        self._next_due = 0.0
+        self._msg_id = 0
+
+    def due_in(self, now: float) -> float:
+        if self._pending is not None:
+            return max(0.0, self._pending[1] + 2 * self.interval - now)
+        return max(0.0, self._next_due - now)
+
+    def tick(self, now: float) -> None:
+        if self._pending is not None:
+            if now - self._pending[1] < 2 * self.interval:
+                return
+            self._metrics.heartbeat_failures.inc()
+            if self.registered:
+                log.warning("placement did not answer a heartbeat endpoint=%s", self.endpoint)
+            self._pending = None
+        if now < self._next_due:
+            return
+        self._msg_id += 1
+        msg = (
+            self._make_heartbeat(self._msg_id)
+            if self.registered
+            else self._make_register(self._msg_id)
+        )
+        try:
+            self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._next_due = now + self.interval
+            return
+        self._pending = (self._msg_id, now)
+        self._next_due = now + self.interval
+
+    def on_readable(self) -> None:
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply, _ = decode(frames, PLACEMENT_REPLY_ADAPTER)
+            except ProtocolError as exc:
+                log.warning("placement sent a malformed reply: %s", exc.detail)
+                continue
+            if self._pending is None or reply.parent_id != self._pending[0]:
+                continue
+            self._pending = None
+            if isinstance(reply, RegisterServerReply):
+                if not self.registered:
+                    log.info("registered with placement endpoint=%s", self.endpoint)
+                self.registered = True
+                self.interval = reply.heartbeat_interval
+            elif isinstance(reply, HeartbeatReply):
+                if not reply.registered:
+                    self.registered = False
+                    self._next_due = 0.0
+            else:
+                log.warning("placement refused: %s %s", reply.error_code, reply.detail)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class PageServer:
+    """Serves one arena on one ROUTER socket until asked to stop."""
+
+    def __init__(
+        self,
+        config: PageServerConfig,
+        store: PageStore,
+        metrics: PageServerMetrics,
+        context: zmq.Context[zmq.Socket[bytes]],
+        *,
+        server_id: str,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.context = context
+        self.server_id = server_id
+        self.router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        # A client that vanished must not make us block or raise; its replies are dropped.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.placement: PlacementLink | None = None
+        self._jobs: dict[zmq.Socket[bytes], PushJob] = {}
+        self._stopping = False
+        self._msg_id = 0
+        self.started_at = time.time()
+        self.under_pressure = False
+        self._handlers: dict[str, Callable[[Frames, Any, list[Any]], Frames | None]] = {
+            "put_pages_request": self._put,
+            "get_pages_request": self._get,
+            "delete_pages_request": self._delete,
+            "list_inventory_request": self._inventory,
+            "drop_slab_request": self._drop_slab,
+            "push_slab_request": self._push_slab,
+            "receive_slab_pages_request": self._receive_slab,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self, endpoint: str) -> str:
+        """Bind the ROUTER; returns the endpoint actually bound (with the chosen port)."""
+        self.router.bind(endpoint)
+        bound = self.router.getsockopt(zmq.LAST_ENDPOINT)
+        assert isinstance(bound, bytes)
+        return bound.decode()
+
+    def connect_placement(
+        self,
+        endpoint: str,
+        make_register: Callable[[int], RegisterServerRequest],
+        make_heartbeat: Callable[[int], HeartbeatRequest],
+    ) -> None:
+        self.placement = PlacementLink(
+            self.context, endpoint, make_register, make_heartbeat, self.metrics
+        )
+        self.poller.register(self.placement.socket, zmq.POLLIN)
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._stopping = True
+
+    def serve_forever(self) -> None:
+        """Serve until `request_stop`, then finish queued work within the drain timeout."""
+        while not self._stopping:
+            self._serve_once(self._poll_timeout_ms())
+        self._shutdown()
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = POLL_MS / 1000
+        if self.placement is not None:
+            timeout = min(timeout, self.placement.due_in(time.monotonic()))
+        return max(0, int(timeout * 1000))
+
+    def _serve_once(self, timeout_ms: int) -> None:
+        events = dict(self.poller.poll(timeout_ms))
+        if self.router in events:
+            self._drain_router()
+        for sock in events:
+            job = self._jobs.get(sock)
+            if job is not None:
+                self._on_push_reply(job)
+        now = time.monotonic()
+        if self.placement is not None:
+            if self.placement.socket in events:
+                self.placement.on_readable()
+            self.placement.tick(now)
+        for job in list(self._jobs.values()):
+            if now - job.last_progress > job.request.timeout:
+                self._finish_push(
+                    job,
+                    ErrorCode.UNAVAILABLE,
+                    f"target {job.request.target_endpoint} did not answer for "
+                    f"{job.request.timeout}s",
+                )
+
+    def _shutdown(self) -> None:
+        log.info("stopping: no new connections, finishing queued requests")
+        for endpoint in (self.router.getsockopt(zmq.LAST_ENDPOINT),):
+            assert isinstance(endpoint, bytes)
+            with contextlib.suppress(zmq.ZMQError):
+                self.router.unbind(endpoint.decode())
+        deadline = time.monotonic() + self.config.drain_timeout
+        while time.monotonic() < deadline:
+            handled = self._drain_router()
+            if not handled and not self._jobs:
+                break
+            if self._jobs:
+                self._serve_once(10)
+        for job in list(self._jobs.values()):
+            self._finish_push(job, ErrorCode.SHUTTING_DOWN, "page server is stopping")
+        if self.placement is not None:
+            self.placement.close()
+        self.router.close(linger=0)
+
+    # -- request dispatch ------------------------------------------------------------------
+
+    def _drain_router(self) -> int:
+        handled = 0
+        while handled < MAX_BURST:
+            try:
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            handled += 1
+            self._handle(frames)
+        return handled
+
+    def _handle(self, frames: Frames) -> None:
+        started = time.perf_counter()
+        op: str | None = None
+        msg_id = 0
+        routing = frames[:1]  # a ROUTER always prepends the sender's id
+        reply: Frames | None
+        failed = True
+        try:
+            routing, body = split_routing(frames)
+            msg, payload = decode(body, SERVED_ADAPTER)
+            msg_id = msg.msg_id
+            op = OP_OF[msg.type]
+            reply = self._handlers[msg.type](routing, msg, payload)
+            failed = False
+        except ProtocolError as exc:
+            if exc.reason in MALFORMED_REASONS:
+                self.metrics.malformed_by[exc.reason].inc()
+            reply = self._error(exc.code, exc.detail, exc.msg_id or msg_id)
+        except NoSpaceError as exc:
+            reply = self._error(ErrorCode.NO_SPACE, str(exc), msg_id)
+        except Exception:
+            # Never let one request take the server down; the sender learns it failed.
+            log.exception("internal error handling %s", op)
+            reply = self._error(ErrorCode.INTERNAL, "internal error; see the server log", msg_id)
+        if reply is None:
+            return  # answered later (a slab push replies when the copy is done)
+        if op is not None:
+            (self.metrics.error if failed else self.metrics.ok)[op].inc()
+            self.metrics.latency[op].observe(time.perf_counter() - started)
+        try:
+            self.router.send_multipart([*routing, *reply], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a reply: the client is not reading")
+
+    @staticmethod
+    def _error(code: ErrorCode, detail: str, parent_id: int) -> Frames:
+        return encode(ErrorReply(msg_id=0, parent_id=parent_id, error_code=code, detail=detail))
+
+    @staticmethod
+    def _expect_frames(payload: list[Any], count: int, what: str) -> None:
+        if len(payload) != count:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"{what} takes {count} payload frames, got {len(payload)}",
+                reason="bad_frames",
+            )
+
+    # -- data plane ------------------------------------------------------------------------
+
+    def _put(self, routing: Frames, msg: PutPagesRequest, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 3, msg.type)
+        keys = unpack_keys(payload[0], msg.count)
+        crcs = unpack_crcs(payload[1], msg.count)
+        pages = unpack_pages(payload[2], msg.count)
+        _verify(pages, crcs)
+        stored, _ = self.store.put(msg.tenant, msg.volume, keys, crcs, pages)
+        self.metrics.pages_in.inc(stored)
+        return encode(PutPagesReply(msg_id=0, parent_id=msg.msg_id, stored=stored))
+
+    def _get(self, routing: Frames, msg: GetPagesRequest, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 1, msg.type)
+        keys = unpack_keys(payload[0], msg.count)
+        result = self.store.get(msg.tenant, msg.volume, keys)
+        self.metrics.pages_out.inc(msg.count)
+        return encode(
+            GetPagesReply(msg_id=0, parent_id=msg.msg_id, count=msg.count),
+            result.found.view(np.uint8),
+            result.crcs,
+            result.data,
+        )
+
+    def _delete(self, routing: Frames, msg: DeletePagesRequest, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 1, msg.type)
+        keys = unpack_keys(payload[0], msg.count)
+        deleted = self.store.delete(msg.tenant, msg.volume, keys)
+        return encode(DeletePagesReply(msg_id=0, parent_id=msg.msg_id, deleted=deleted))
+
+    # -- slab operations (placement and peers) ---------------------------------------------
+
+    def _inventory(self, routing: Frames, msg: ListInventoryRequest, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 0, msg.type)
+        slabs = [
+            SlabInventory(tenant=tenant, volume=volume, slab=slab, pages=pages)
+            for tenant, volume, slab, pages in self.store.inventory()
+        ]
+        return encode(
+            ListInventoryReply(
+                msg_id=0, parent_id=msg.msg_id, server_id=self.server_id, slabs=slabs
+            )
+        )
+
+    def _drop_slab(self, routing: Frames, msg: DropSlabRequest, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 0, msg.type)
+        dropped = self.store.drop_slab(msg.tenant, msg.volume, msg.slab)
+        log.info(
+            "dropped slab tenant=%s volume=%d slab=%d pages=%d",
+            msg.tenant,
+            msg.volume,
+            msg.slab,
+            dropped,
+        )
+        return encode(DropSlabReply(msg_id=0, parent_id=msg.msg_id, dropped=dropped))
+
+    def _receive_slab(
+        self, routing: Frames, msg: ReceiveSlabPagesRequest, payload: list[Any]
+    ) -> Frames:
+        self._expect_frames(payload, 3, msg.type)
+        pages_idx = unpack_page_indices(payload[0], msg.count)
+        crcs = unpack_crcs(payload[1], msg.count)
+        pages = unpack_pages(payload[2], msg.count)
+        _verify(pages, crcs)
+        keys = make_keys(np.full(msg.count, msg.slab, dtype=np.uint32), pages_idx)
+        stored, skipped = self.store.put(
+            msg.tenant, msg.volume, keys, crcs, pages, overwrite=msg.overwrite
+        )
+        self.metrics.push_received_bytes.inc(stored * PAGE_SIZE)
+        self.metrics.pages_in.inc(stored)
+        return encode(
+            ReceiveSlabPagesReply(msg_id=0, parent_id=msg.msg_id, stored=stored, skipped=skipped)
+        )
+
+    def _push_slab(
+        self, routing: Frames, msg: PushSlabRequest, payload: list[Any]
+    ) -> Frames | None:
+        self._expect_frames(payload, 0, msg.type)
+        sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(msg.target_endpoint)
+        now = time.monotonic()
+        job = PushJob(
+            routing=routing,
+            request=msg,
+            socket=sock,
+            pages=self.store.slab_pages(msg.tenant, msg.volume, msg.slab),
+            started=now,
+            last_progress=now,
+        )
+        self._jobs[sock] = job
+        self.poller.register(sock, zmq.POLLIN)
+        log.info(
+            "pushing slab tenant=%s volume=%d slab=%d pages=%d to=%s",
+            msg.tenant,
+            msg.volume,
+            msg.slab,
+            job.pages.size,
+            msg.target_endpoint,
+        )
+        self._push_more(job)
+        return None
+
+    def _push_more(self, job: PushJob) -> None:
+        req = job.request
+        while len(job.inflight) < PUSH_WINDOW and job.cursor < job.pages.size:
+            chunk = job.pages[job.cursor : job.cursor + PUSH_CHUNK_PAGES]
+            job.cursor += chunk.size
+            keys = make_keys(np.full(chunk.size, req.slab, dtype=np.uint32), chunk)
+            result = self.store.get(req.tenant, req.volume, keys)
+            # Pages trimmed since the push began are gone; pages whose checksum no longer
+            # matches are not spread to another server.
+            ok = result.found.copy()
+            ok[ok] = _crc_ok(result.data[ok], result.crcs[ok])
+            job.corrupt += int(np.count_nonzero(result.found & ~ok))
+            count = int(np.count_nonzero(ok))
+            if not count:
+                continue
+            self._msg_id += 1
+            msg = ReceiveSlabPagesRequest(
+                msg_id=self._msg_id,
+                source_server=self.server_id,
+                tenant=req.tenant,
+                volume=req.volume,
+                slab=req.slab,
+                count=count,
+            )
+            data = result.data[ok] if count != chunk.size else result.data
+            job.socket.send_multipart(
+                encode(msg, np.ascontiguousarray(chunk[ok]), result.crcs[ok], data), copy=False
+            )
+            job.inflight[self._msg_id] = count
+            job.sent_pages += count
+            self.metrics.push_sent_bytes.inc(count * PAGE_SIZE)
+        if job.cursor >= job.pages.size and not job.inflight:
+            self._finish_push(job, None, "")
+
+    def _on_push_reply(self, job: PushJob) -> None:
+        while job.socket in self._jobs:
+            try:
+                frames = job.socket.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply, _ = decode(frames, PEER_REPLY_ADAPTER)
+            except ProtocolError as exc:
+                self._finish_push(job, ErrorCode.UNAVAILABLE, f"target answered badly: {exc}")
+                return
+            if isinstance(reply, ErrorReply):
+                self._finish_push(
+                    job, reply.error_code, f"target refused: {reply.error_code} {reply.detail}"
+                )
+                return
+            if job.inflight.pop(reply.parent_id, None) is None:
+                continue
+            job.last_progress = time.monotonic()
+            self._push_more(job)
+
+    def _finish_push(self, job: PushJob, code: ErrorCode | None, detail: str) -> None:
+        self._jobs.pop(job.socket, None)
+        self.poller.unregister(job.socket)
+        job.socket.close(linger=0)
+        req = job.request
+        seconds = time.monotonic() - job.started
+        reply: Frames
+        if code is None:
+            self.metrics.ok["push_slab"].inc()
+            log.info(
+                "pushed slab tenant=%s volume=%d slab=%d pages=%d corrupt=%d seconds=%.3f",
+                req.tenant,
+                req.volume,
+                req.slab,
+                job.sent_pages,
+                job.corrupt,
+                seconds,
+            )
+            reply = encode(
+                PushSlabReply(
+                    msg_id=0,
+                    parent_id=req.msg_id,
+                    pages=job.sent_pages,
+                    bytes=job.sent_pages * PAGE_SIZE,
+                    seconds=seconds,
+                    corrupt=job.corrupt,
+                )
+            )
+        else:
+            self.metrics.error["push_slab"].inc()
+            log.warning(
+                "push failed tenant=%s volume=%d slab=%d: %s",
+                req.tenant,
+                req.volume,
+                req.slab,
+                detail,
+            )
+            reply = encode(
+                ErrorReply(msg_id=0, parent_id=req.msg_id, error_code=code, detail=detail)
+            )
+        self.metrics.latency["push_slab"].observe(seconds)
+        try:
+            self.router.send_multipart([*job.routing, *reply], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a push reply: the requester is not reading")
+
+
+def _crc_ok(
+    pages: np.ndarray[Any, np.dtype[np.uint8]], crcs: np.ndarray[Any, np.dtype[np.uint32]]
+) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    mask = np.ones(pages.shape[0], dtype=np.bool_)
+    mask[bad_checksums(pages, crcs)] = False
+    return mask
+
+
+def _verify(
+    pages: np.ndarray[Any, np.dtype[np.uint8]], crcs: np.ndarray[Any, np.dtype[np.uint32]]
+) -> None:
+    bad = bad_checksums(pages, crcs)
+    if bad.size:
+        raise ProtocolError(
+            ErrorCode.BAD_CHECKSUM,
+            f"{bad.size} of {pages.shape[0]} pages do not match their checksum "
+            f"(first at batch position {int(bad[0])}); nothing stored",
+            reason="bad_checksum",
+        )
