@@ -1,0 +1,156 @@
+"""A blocking client of placement, for tools (`remem status`, `remem drain`) and tests.
+
+Each call sends one request over a DEALER and waits for its reply with a timeout; an
+`error_reply` raises `PlacementError` with the error code. The NBD client's own async path
+can reuse the protocol models in `protocol.client_placement` directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Any, TypeVar
+
+import zmq
+from pydantic import BaseModel, Field, TypeAdapter
+
+from remem_common.framing import decode, encode
+from remem_common.protocol.admin_placement import (
+    DrainServerReply,
+    DrainServerRequest,
+    GetStatusReply,
+    GetStatusRequest,
+)
+from remem_common.protocol.client_placement import (
+    AllocateSlabReply,
+    AllocateSlabRequest,
+    GetMapReply,
+    GetMapRequest,
+    ReportFailureReply,
+    ReportFailureRequest,
+)
+from remem_common.protocol.envelope import ErrorCode, ErrorReply
+
+PlacementReply = Annotated[
+    AllocateSlabReply
+    | GetMapReply
+    | ReportFailureReply
+    | GetStatusReply
+    | DrainServerReply
+    | ErrorReply,
+    Field(discriminator="type"),
+]
+PLACEMENT_REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementReply)
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
+
+
+class PlacementError(Exception):
+    """Placement answered with an error reply."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class PlacementTimeout(Exception):
+    """No reply within the timeout."""
+
+
+class PlacementClient:
+    """Blocking requests to placement over one DEALER socket."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._own_context = context is None
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        self.socket: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> PlacementClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
+        """Send `msg`, return its reply of type `expect` (stale replies are skipped)."""
+        self.socket.send_multipart(encode(msg))
+        wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
+        msg_id: Any = getattr(msg, "msg_id", None)
+        while True:
+            if not self.socket.poll(wait_ms):
+                raise PlacementTimeout(f"no reply from placement at {self.endpoint}")
+            reply, _ = decode(self.socket.recv_multipart(), PLACEMENT_REPLY_ADAPTER)
+            if reply.parent_id != msg_id:
+                continue  # the answer to an earlier request that timed out
+            if isinstance(reply, ErrorReply):
+                raise PlacementError(reply.error_code, reply.detail)
+            if not isinstance(reply, expect):
+                raise PlacementError(ErrorCode.MALFORMED, f"unexpected reply {reply.type}")
+            return reply
+
+    def allocate(
+        self,
+        tenant: str,
+        volume: int,
+        slab: int,
+        replicas: int = 2,
+        known_replicas: list[str] | None = None,
+    ) -> AllocateSlabReply:
+        return self.call(
+            AllocateSlabRequest(
+                msg_id=next(self._ids),
+                tenant=tenant,
+                volume=volume,
+                slab=slab,
+                replicas=replicas,
+                known_replicas=known_replicas or [],
+            ),
+            AllocateSlabReply,
+        )
+
+    def get_map(self, tenant: str, volume: int, since_epoch: int = 0) -> GetMapReply:
+        return self.call(
+            GetMapRequest(
+                msg_id=next(self._ids), tenant=tenant, volume=volume, since_epoch=since_epoch
+            ),
+            GetMapReply,
+        )
+
+    def report_failure(
+        self, tenant: str, volume: int, slab: int, server_id: str, detail: str = ""
+    ) -> ReportFailureReply:
+        return self.call(
+            ReportFailureRequest(
+                msg_id=next(self._ids),
+                tenant=tenant,
+                volume=volume,
+                slab=slab,
+                server_id=server_id,
+                detail=detail,
+            ),
+            ReportFailureReply,
+        )
+
+    def status(self) -> GetStatusReply:
+        return self.call(GetStatusRequest(msg_id=next(self._ids)), GetStatusReply)
+
+    def drain(self, server_id: str, *, cancel: bool = False) -> DrainServerReply:
+        return self.call(
+            DrainServerRequest(msg_id=next(self._ids), server_id=server_id, cancel=cancel),
+            DrainServerReply,
+        )

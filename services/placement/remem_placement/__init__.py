@@ -1,0 +1,1 @@
+"""remem placement: the control plane (registration, slab placement, repair); never page data."""

@@ -1,0 +1,274 @@
+"""Placement policy on a fake clock: choosing servers, liveness, repairs, drains, restarts."""
+
+from __future__ import annotations
+
+import pytest
+from remem_placement.policy import (
+    Cluster,
+    Drop,
+    NoEligibleServer,
+    PolicySettings,
+    Rebuilding,
+)
+
+MiB = 1 << 20
+SETTINGS = PolicySettings(
+    suspect_after=0.75,
+    dead_after=1.5,
+    restart_grace=0.0,
+    alloc_reserve=64 * MiB,
+    min_free=64 * MiB,
+    default_replicas=2,
+    max_pushes=4,
+    retry_after=1.0,
+    stall_after=1e9,  # these tests jump the clock; see test_a_stall_of_placement_kills_nobody
+    map_settle=0.0,  # pushes start at once; see test_a_push_waits_until_clients_see_its_target
+)
+
+
+def cluster_of(
+    servers: list[tuple[str, str, int, int]], settings: PolicySettings = SETTINGS
+) -> Cluster:
+    """A cluster at t=0 with servers (id, zone, capacity MiB, used MiB) sampled from metrics."""
+    cluster = Cluster(settings, started=0.0, epoch_start=1000)
+    for server_id, zone, capacity, used in servers:
+        cluster.register(
+            server_id,
+            endpoint=f"tcp://127.0.0.1:{7100 + len(cluster.servers)}",
+            metrics_url="http://x/metrics",
+            zone=zone,
+            capacity_bytes=capacity * MiB,
+            used_bytes=used * MiB,
+            started_at=0.0,
+            now=0.0,
+            wall=100.0,
+        )
+        cluster.set_utilization(server_id, used * MiB, capacity * MiB, at=100.0)
+    return cluster
+
+
+def beat(cluster: Cluster, now: float, *, pressure: frozenset[str] = frozenset()) -> None:
+    for server in cluster.servers.values():
+        if server.liveness != "dead":
+            cluster.heartbeat(
+                server.server_id,
+                used_bytes=server.used_bytes,
+                capacity_bytes=server.capacity_bytes,
+                under_pressure=server.server_id in pressure,
+                now=now,
+            )
+
+
+FOUR = [("a1", "a", 1024, 0), ("b1", "b", 1024, 200), ("a2", "a", 1024, 100), ("c1", "c", 512, 0)]
+
+
+def test_most_free_first_and_one_per_zone() -> None:
+    cluster = cluster_of(FOUR)
+    # free: a1 1024, a2 924, b1 824, c1 512. k=3 wants three zones: a1 (a), b1 (b), c1 (c)
+    # and not a2, although a2 has more free memory than b1 and c1: it shares a1's zone.
+    got = cluster.allocate(("t", 0, 0), 3, now=0.1, wall=101.0)
+    assert got.replicas == ["a1", "b1", "c1"] and not got.degraded
+    # With more replicas than zones, a zone gets a second server only then.
+    got = cluster.allocate(("t", 0, 1), 4, now=0.1, wall=101.0)
+    assert sorted(got.replicas) == ["a1", "a2", "b1", "c1"]
+
+
+def test_same_request_twice_same_answer_and_epoch_moves_only_on_change() -> None:
+    cluster = cluster_of(FOUR)
+    first = cluster.allocate(("t", 0, 5), 2, now=0.1, wall=101.0)
+    again = cluster.allocate(("t", 0, 5), 2, now=0.2, wall=102.0)
+    assert again == first
+    assert cluster.volume_epoch[("t", 0)] == first.epoch > 1000
+
+
+def test_reservations_spread_a_burst_until_the_next_sample() -> None:
+    cluster = cluster_of([("a", "a", 1024, 0), ("b", "b", 1024, 256), ("c", "c", 1024, 512)])
+    chosen = [cluster.allocate(("t", 0, n), 1, now=0.1, wall=101.0).replicas[0] for n in range(15)]
+    # Each slab reserves 64 MiB: a (1024 free) takes 4 slabs until it looks like b (768),
+    # then a and b alternate down to c's 512 (12 slabs in all), then all three take turns.
+    assert chosen[:4] == ["a", "a", "a", "a"]
+    assert chosen.index("c") == 12
+    assert (chosen.count("a"), chosen.count("b"), chosen.count("c")) == (9, 5, 1)
+    # A sample taken after the burst replaces the reservations by what the server reports.
+    cluster.set_utilization("a", 0, 1024 * MiB, at=102.0)
+    assert cluster.servers["a"].reservations == []
+    assert cluster.allocate(("t", 0, 99), 1, now=0.2, wall=103.0).replicas == ["a"]
+
+
+def test_never_full_never_pressured_degraded_then_refused() -> None:
+    cluster = cluster_of([("a", "a", 1024, 0), ("full", "b", 1024, 1000), ("p", "c", 1024, 0)])
+    beat(cluster, 0.1, pressure=frozenset({"p"}))
+    got = cluster.allocate(("t", 0, 0), 3, now=0.1, wall=101.0)
+    assert got.replicas == ["a"] and got.degraded
+    beat(cluster, 0.2, pressure=frozenset({"p", "a"}))
+    with pytest.raises(NoEligibleServer) as refused:
+        cluster.allocate(("t", 0, 1), 2, now=0.2, wall=101.0)
+    assert "full (24 MiB free" in str(refused.value)
+    assert "p: under memory pressure" in str(refused.value)
+
+
+def test_death_degrades_and_repair_pushes_from_a_survivor() -> None:
+    cluster = cluster_of(FOUR)
+    cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)  # a1, b1
+    epoch = cluster.epoch
+    for now in (0.5, 1.0, 1.5):
+        cluster.heartbeat(
+            "a1", used_bytes=0, capacity_bytes=1024 * MiB, under_pressure=False, now=now
+        )
+        for sid in ("a2", "c1"):
+            cluster.heartbeat(
+                sid, used_bytes=0, capacity_bytes=1024 * MiB, under_pressure=False, now=now
+            )
+    cluster.tick(1.0)
+    assert cluster.servers["b1"].liveness == "suspect"
+    dead, _ = cluster.tick(1.6)
+    assert dead == ["b1"]
+    assert cluster.slabs[("t", 0, 0)].replicas == ["a1"]
+    assert cluster.epoch > epoch
+    pushes, _ = cluster.plan(1.6, 102.0)
+    (push,) = pushes
+    # Replacement: not zone a (a1 is there), so c1, although a2 has more free memory.
+    assert (push.source, push.target, push.reason) == ("a1", "c1", "repair")
+    assert cluster.view(("t", 0, 0)).filling == ["c1"]
+    assert cluster.plan(1.7, 102.0) == ([], [])  # one push per slab at a time
+    assert cluster.push_finished(push.push_id, ok=True, copied_bytes=4096, now=1.8) == []
+    view = cluster.view(("t", 0, 0))
+    assert view.replicas == ["a1", "c1"] and view.filling == [] and not view.degraded
+
+
+def test_failed_push_drops_the_partial_copy_and_retries_later() -> None:
+    cluster = cluster_of(FOUR)
+    cluster.allocate(("t", 0, 0), 1, now=0.0, wall=101.0)
+    cluster.slabs[("t", 0, 0)].target = 2
+    (push,), _ = cluster.plan(0.1, 101.0)
+    drops = cluster.push_finished(push.push_id, ok=False, now=0.2)
+    assert drops == [Drop(push.target, ("t", 0, 0))]
+    assert cluster.view(("t", 0, 0)).filling == []
+    assert cluster.plan(0.5, 101.0) == ([], [])  # backing off
+    assert len(cluster.plan(1.3, 101.0)[0]) == 1
+
+
+def test_drain_copies_from_the_drained_server_then_drops_it() -> None:
+    cluster = cluster_of(FOUR)
+    cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)  # a1, b1
+    assert cluster.drain("b1") == 1
+    assert "b1" not in cluster.choose(4)
+    (push,), _ = cluster.plan(0.1, 101.0)
+    assert (push.source, push.target, push.reason) == ("b1", "c1", "drain")
+    # Until the copy is complete, b1 stays a readable replica.
+    assert cluster.view(("t", 0, 0)).replicas == ["a1", "b1"]
+    drops = cluster.push_finished(push.push_id, ok=True, now=0.2)
+    assert drops == [Drop("b1", ("t", 0, 0))]
+    assert cluster.view(("t", 0, 0)).replicas == ["a1", "c1"]
+    assert cluster.held_by("b1") == set()
+
+
+def test_pressure_moves_slabs_off_and_stops_when_it_recovers() -> None:
+    cluster = cluster_of(FOUR)
+    cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)
+    cluster.allocate(("t", 0, 1), 2, now=0.0, wall=101.0)
+    beat(cluster, 0.1, pressure=frozenset({"a1"}))
+    pushes, _ = cluster.plan(0.1, 101.0)
+    assert {p.reason for p in pushes} == {"pressure"} and all(p.target != "a1" for p in pushes)
+    for push in pushes:
+        cluster.push_finished(push.push_id, ok=True, now=0.2)
+    assert cluster.held_by("a1") == set()
+    beat(cluster, 0.3)
+    assert "a1" in cluster.choose(4)
+
+
+def test_report_failure_suspects_until_the_probe_answers_or_kills() -> None:
+    cluster = cluster_of(FOUR)
+    assert cluster.report_failure("a1", now=0.1) == "suspect"
+    assert "a1" not in cluster.choose(4)
+    beat(cluster, 0.2)
+    assert cluster.servers["a1"].liveness == "suspect"  # heartbeats do not clear a report
+    cluster.probe_answered("a1", now=0.3)
+    assert cluster.servers["a1"].state == "live"
+    cluster.report_failure("b1", now=0.4)
+    beat(cluster, 1.0)
+    beat(cluster, 1.8)
+    dead, _ = cluster.tick(2.0)
+    assert dead == ["b1"]
+
+
+def test_restart_rebuilds_from_inventories_and_waits_for_the_grace_period() -> None:
+    settings = PolicySettings(**{**SETTINGS.__dict__, "restart_grace": 3.0})
+    cluster = cluster_of(FOUR, settings)
+    with pytest.raises(Rebuilding):
+        cluster.allocate(("t", 0, 9), 2, now=0.5, wall=101.0)
+    cluster.adopt_inventory("c1", [("t", 0, 0), ("t", 0, 1)], now=0.5)
+    cluster.adopt_inventory("a1", [("t", 0, 0)], now=0.6)
+    assert cluster.plan(1.0, 101.0) == ([], [])  # nothing looks degraded yet
+    assert cluster.allocate(("t", 0, 0), 2, now=1.0, wall=101.0).replicas == ["a1", "c1"]
+    # A client re-announces a slab nobody wrote to yet; placement adopts its replicas.
+    got = cluster.allocate(("t", 0, 7), 2, known=["b1", "a2"], now=1.0, wall=101.0)
+    assert got.replicas == ["a2", "b1"]
+    beat(cluster, 3.1)
+    pushes, _ = cluster.plan(3.1, 104.0)
+    assert [p.key for p in pushes] == [("t", 0, 1)]  # only the slab with one copy
+
+
+def test_a_returning_dead_server_drops_its_stale_copies() -> None:
+    cluster = cluster_of(FOUR)
+    cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)
+    cluster.servers["b1"].last_seen = -10.0
+    cluster.tick(0.1)
+    cluster.register(
+        "b1",
+        endpoint="tcp://127.0.0.1:7999",
+        metrics_url="http://x/metrics",
+        zone="b",
+        capacity_bytes=1024 * MiB,
+        used_bytes=0,
+        started_at=5.0,
+        now=0.2,
+        wall=101.0,
+    )
+    assert cluster.adopt_inventory("b1", [("t", 0, 0)], now=0.2) == [Drop("b1", ("t", 0, 0))]
+    assert cluster.view(("t", 0, 0)).replicas == ["a1"]
+
+
+def test_a_stall_of_placement_kills_nobody() -> None:
+    settings = PolicySettings(**{**SETTINGS.__dict__, "stall_after": 0.375})
+    cluster = cluster_of(FOUR, settings)
+    cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)
+    for step in range(1, 5):
+        beat(cluster, step * 0.25)
+        assert cluster.tick(step * 0.25) == ([], [])
+    # The loop did not run for 5 s (placement paused): nobody could be heard meanwhile.
+    assert cluster.tick(6.0) == ([], [])
+    assert all(s.liveness == "live" for s in cluster.servers.values())
+    # Silence after placement runs again does count: c1 stops, the others go on.
+    now = 6.0
+    dead: list[str] = []
+    while not dead:
+        now += 0.1
+        for sid in ("a1", "a2", "b1"):
+            cluster.heartbeat(
+                sid, used_bytes=0, capacity_bytes=1024 * MiB, under_pressure=False, now=now
+            )
+        dead, _ = cluster.tick(now)
+    # c1 was last heard at 1.0, i.e. at 6.0 on placement's clock once the stall is removed.
+    assert dead == ["c1"] and 7.5 < now < 7.7
+
+
+def test_a_push_waits_until_clients_see_its_target() -> None:
+    settings = PolicySettings(**{**SETTINGS.__dict__, "map_settle": 5.0})
+    cluster = cluster_of(FOUR, settings)
+    cluster.allocate(("t", 0, 0), 1, now=0.0, wall=101.0)
+    cluster.slabs[("t", 0, 0)].target = 2
+    assert cluster.plan(0.1, 101.0) == ([], [])  # planned: the target is filling, not copied
+    (push,) = cluster.pushes.values()
+    assert cluster.view(("t", 0, 0)).filling == [push.target]
+    cluster.map_applied("t", 1, push.epoch)  # another volume's client: no
+    cluster.map_applied("t", 0, push.epoch - 1)  # a map from before the target: no
+    assert cluster.plan(0.2, 101.0) == ([], [])
+    cluster.map_applied("t", 0, push.epoch)
+    assert cluster.plan(0.3, 101.0) == ([push], [])
+    # Nobody polls another volume: its push starts after map_settle anyway.
+    cluster.allocate(("u", 0, 0), 1, now=0.0, wall=101.0)
+    cluster.slabs[("u", 0, 0)].target = 2
+    assert cluster.plan(1.0, 101.0) == ([], [])
+    assert cluster.plan(5.9, 101.0) == ([], [])
+    assert [p.key for p in cluster.plan(6.1, 101.0)[0]] == [("u", 0, 0)]
