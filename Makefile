@@ -7,12 +7,12 @@ PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive as real peers: NBD clients, nbdkit as the
 # reference server, fio, a Prometheus server, iproute2 for network namespaces.
-DEB_PACKAGES := nbdkit libnbd-bin qemu-utils fio prometheus gcc iproute2 fuse3 util-linux
+DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc iproute2 fuse3 util-linux
 DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfuse losetup
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
-        bench-pageserver up clean
+        bench-pageserver bench-nbd up clean
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ test-root: deps install
 
 bench-pageserver: install
 	$(PY) -m remem_pageserver.bench
+
+# remem's NBD front end (memory backend) against nbdkit memory, same run, fio's nbd engine.
+bench-nbd: deps install
+	$(PY) -m remem_client.bench_nbd
 
 up: install
 	$(VENV)/bin/remem up --state-dir $(STATE_DIR)

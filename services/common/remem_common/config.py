@@ -72,7 +72,10 @@ def load_config(
         flag = "--" + name.replace("_", "-")
         help_text = (field.description or "") + f" [env {env_name(env_prefix, name)}]"
         if _is_bool(field.annotation):
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            # --flag / --no-flag: a boolean that defaults to on must be switchable off too.
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
     parser.add_argument(

@@ -1,0 +1,241 @@
+"""Benchmark the NBD front end against `nbdkit memory` with fio's nbd engine.
+
+    python -m remem_client.bench_nbd [--runtime 3] [--rounds 3] [--event-loop auto]
+
+Starts `nbdkit memory` and `remem client --backend memory` side by side on Unix sockets,
+fills the tested region of both once (so reads copy real data and first-touch page faults
+are out of the way), then runs each fio workload against both, alternating which server
+goes first in each round to cancel drift on a noisy machine, and reports the mean of the
+rounds: IOPS, MB/s, mean completion latency, server CPU per request, and remem/nbdkit.
+The last line is one JSON object with every figure.
+
+Workloads: 4 KiB random read and write at queue depth 1 and 32, 1 MiB sequential read and
+write at queue depth 8 (time-based, `--runtime` seconds each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+WORKLOADS: tuple[tuple[str, str, int], ...] = (
+    ("randread", "4k", 1),
+    ("randwrite", "4k", 1),
+    ("randread", "4k", 32),
+    ("randwrite", "4k", 32),
+    ("read", "1m", 8),
+    ("write", "1m", 8),
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    """Mean figures of one workload against one server."""
+
+    iops: float
+    mbps: float
+    clat_us: float
+    cpu_us_per_op: float
+
+
+@dataclass
+class Server:
+    name: str
+    uri: str
+    proc: subprocess.Popen[str]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """Poll until a Unix socket accepts connections (nbdkit prints no ready line)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise RuntimeError(f"{path} not ready after {timeout}s")
+
+
+def start_nbdkit(directory: Path, size: str) -> Server:
+    path = directory / "nbdkit.sock"
+    proc = subprocess.Popen(
+        ["nbdkit", "--foreground", "--unix", str(path), "memory", size],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    wait_for_socket(path, proc)
+    return Server("nbdkit", f"nbd+unix:///?socket={path}", proc)
+
+
+def start_remem(directory: Path, size: str, extra: list[str]) -> Server:
+    path = directory / "remem.sock"
+    args = [
+        sys.executable, "-m", "remem_client", "--backend", "memory", "--nbd-socket", str(path),
+        "--size", size, "--metrics-port", "0", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    uri = ""
+    for line in proc.stderr:
+        if " ready " in f" {line.split(': ', 1)[-1]}":
+            uri = line.split("nbd_uri=", 1)[1].split()[0]
+            break
+    if not uri:
+        raise RuntimeError(f"remem client exited with {proc.wait()}")
+    # keep draining its log so it never blocks on a full pipe
+    threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+    return Server("remem", uri, proc)
+
+
+def _drain(stream: IO[str]) -> None:
+    for _line in stream:
+        pass
+
+
+@contextmanager
+def servers(size: str, extra: list[str]) -> Iterator[tuple[Server, Server]]:
+    with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
+        started: list[Server] = []
+        try:
+            started.append(start_nbdkit(Path(tmp), size))
+            started.append(start_remem(Path(tmp), size, extra))
+            yield started[0], started[1]
+        finally:
+            for server in started:
+                server.proc.send_signal(signal.SIGTERM)
+            for server in started:
+                try:
+                    server.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    server.proc.kill()
+                    server.proc.wait()
+
+
+def fio(uri: str, rw: str, bs: str, depth: int, region: str, runtime: float) -> dict[str, float]:
+    """Run one fio job; returns iops, bytes/s and mean completion latency (us)."""
+    args = [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        f"--iodepth={depth}", f"--size={region}", "--time_based", f"--runtime={runtime}",
+        "--output-format=json", "--verify_state_save=0",
+    ]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    if job["error"]:
+        raise RuntimeError(f"fio reported error {job['error']} against {uri}")
+    return {
+        "iops": side["iops"],
+        "bw": side["bw_bytes"],
+        "clat_us": side["clat_ns"]["mean"] / 1000,
+        "ops": side["total_ios"],
+    }
+
+
+def measure(
+    server: Server, workload: tuple[str, str, int], region: str, runtime: float
+) -> dict[str, float]:
+    before = cpu_seconds(server.proc.pid)
+    figures = fio(server.uri, *workload, region, runtime)
+    figures["cpu"] = cpu_seconds(server.proc.pid) - before
+    return figures
+
+
+def mean_result(samples: list[dict[str, float]]) -> Result:
+    n = len(samples)
+    ops = sum(s["ops"] for s in samples)
+    return Result(
+        iops=sum(s["iops"] for s in samples) / n,
+        mbps=sum(s["bw"] for s in samples) / n / 1e6,
+        clat_us=sum(s["clat_us"] for s in samples) / n,
+        cpu_us_per_op=sum(s["cpu"] for s in samples) / ops * 1e6 if ops else 0.0,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m remem_client.bench_nbd", description=__doc__)
+    parser.add_argument("--runtime", type=float, default=3.0, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and workload")
+    parser.add_argument("--size", default="1G", help="device size of both servers")
+    parser.add_argument("--region", default="256M", help="part of the device fio touches")
+    parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    args = parser.parse_args(argv)
+    for tool in ("nbdkit", "fio"):
+        if shutil.which(tool) is None:
+            sys.stderr.write(f"bench_nbd: {tool} not found (make deps)\n")
+            return 2
+
+    extra = ["--event-loop", args.event_loop, "--no-lock-memory"]
+    results: list[dict[str, object]] = []
+    with servers(args.size, extra) as (nbdkit, remem):
+        for server in (nbdkit, remem):  # fill the region: real data, pages already present
+            fio(server.uri, "write", "1m", 8, args.region, 0)
+        for rw, bs, depth in WORKLOADS:
+            samples: dict[str, list[dict[str, float]]] = {"nbdkit": [], "remem": []}
+            for round_number in range(args.rounds):
+                order = (nbdkit, remem) if round_number % 2 == 0 else (remem, nbdkit)
+                for server in order:
+                    figures = measure(server, (rw, bs, depth), args.region, args.runtime)
+                    samples[server.name].append(figures)
+            base, ours = mean_result(samples["nbdkit"]), mean_result(samples["remem"])
+            results.append(
+                {
+                    "workload": f"{rw} {bs} qd{depth}",
+                    "nbdkit": asdict(base),
+                    "remem": asdict(ours),
+                    "ratio": ours.iops / base.iops if base.iops else 0.0,
+                }
+            )
+
+    header = (
+        f"{'workload':<18}{'nbdkit IOPS':>12}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}"
+        f"{'remem IOPS':>12}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}{'remem/nbdkit':>14}"
+    )
+    print(header)
+    for row in results:
+        base_row, our_row = row["nbdkit"], row["remem"]
+        assert isinstance(base_row, dict) and isinstance(our_row, dict)
+        cells = "".join(
+            f"{r['iops']:>12.0f}{r['mbps']:>8.0f}{r['clat_us']:>8.1f}{r['cpu_us_per_op']:>10.1f}"
+            for r in (base_row, our_row)
+        )
+        print(f"{row['workload']:<18}{cells}{row['ratio']:>14.2f}")
+    summary = {
+        "bench": "nbd",
+        "runtime_s": args.runtime,
+        "rounds": args.rounds,
+        "region": args.region,
+        "event_loop": args.event_loop,
+        "results": results,
+    }
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

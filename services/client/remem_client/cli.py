@@ -1,0 +1,62 @@
+"""`remem client` / `python -m remem_client`: the NBD export a host swaps to.
+
+Lifecycle: validate the config (exit 2 on a bad value) -> protect the process (memlock)
+-> bind the NBD listeners and the metrics endpoint -> log `ready nbd_uri=... metrics=...`
+-> serve -> on SIGTERM/SIGINT drain in-flight requests and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from remem_common.config import load_config
+from remem_common.logs import setup_logging
+
+from remem_client.config import ENV_PREFIX, PROG, ClientConfig
+from remem_client.memlock import protect_process
+from remem_client.server import EXIT_FAILURE, run
+
+DESCRIPTION = (
+    "Serve a block device over NBD (Unix socket and/or TCP) for the kernel's nbd-client, "
+    "qemu, nbdfuse or fio; the host swaps onto it."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the client service; returns the exit status."""
+    config = load_config(
+        ClientConfig, argv, prog=PROG, env_prefix=ENV_PREFIX, description=DESCRIPTION
+    )
+    log = setup_logging("remem.client", config.log_level)
+    if config.lock_memory:
+        protect_process(log)
+    loop_factory = event_loop_factory(config.event_loop, log)
+    if loop_factory is None:
+        return EXIT_FAILURE
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run(config, log))
+
+
+def event_loop_factory(
+    choice: str, log: logging.Logger
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop to run on: uvloop unless asked otherwise (None: the choice is unavailable).
+
+    uvloop matters on the hot path: its transports send a reply header and a large READ
+    payload with one writev and no copy, where asyncio's (Python 3.11) join or buffer
+    them. Measured with bench_nbd: 1 MiB reads about 3x faster, 4 KiB requests 10-20%.
+    """
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            log.error("--event-loop uvloop: uvloop is not installed")
+            return None
+        log.warning("uvloop not installed; using asyncio's event loop (slower for large I/O)")
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -1,0 +1,102 @@
+"""Settings of `remem client`: one frozen model, flags and REMEM_CLIENT_* environment.
+
+Loaded by `remem_common.config.load_config` (flag > environment > default), validated
+before any socket is bound; a bad value prints one line and exits 2. Backend-specific
+settings (the remote backend's placement address, replicas, mirror...) are added as more
+fields here; `backend` selects which backend `server.make_backend` builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, field_validator, model_validator
+from remem_common.config import ServiceConfig
+
+from remem_client.nbd import wire
+
+PROG = "remem client"
+ENV_PREFIX = "REMEM_CLIENT_"
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[V6ADDR]:PORT" into (host, port); raise ValueError if malformed."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"put an IPv6 address in brackets: [{host}]:{port_text}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 0-65535")
+    return host, port
+
+
+class ClientConfig(ServiceConfig):
+    """Everything `remem client` needs before it binds its sockets."""
+
+    nbd_socket: Path | None = Field(
+        None, description="Unix socket the NBD export listens on (nbd+unix:///NAME?socket=PATH)"
+    )
+    nbd_listen: str | None = Field(
+        None, description="TCP HOST:PORT for NBD (off by default; port 0 picks a free port)"
+    )
+    export_name: str = Field("remem", description="NBD export name")
+    size: ByteSize = Field(description="device size, e.g. 64MiB or 4GiB (required)")
+    backend: Literal["memory"] = Field("memory", description="where pages live: memory")
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint")
+    metrics_port: int = Field(
+        9102, ge=0, le=65535, description="Prometheus endpoint port (0 picks a free port)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    lock_memory: bool = Field(
+        True,
+        description="mlockall, PR_SET_IO_FLUSHER and oom_score_adj -1000, so the swap "
+        "server is not itself swapped out or killed (--no-lock-memory to disable)",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="event loop: auto = uvloop when installed, else asyncio"
+    )
+    drain_timeout: float = Field(
+        10.0, gt=0, description="seconds to finish in-flight requests on SIGTERM"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: ByteSize) -> ByteSize:
+        if not 0 < value <= wire.MAX_EXPORT_SIZE:
+            raise ValueError(f"size must be between 1 byte and {wire.MAX_EXPORT_SIZE}")
+        return value
+
+    @field_validator("export_name")
+    @classmethod
+    def _check_export_name(cls, value: str) -> str:
+        if len(value.encode()) > wire.MAX_STRING or "\0" in value:
+            raise ValueError(f"export name must be at most {wire.MAX_STRING} bytes, no NUL")
+        return value
+
+    @field_validator("nbd_listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _need_a_listener(self) -> ClientConfig:
+        if self.nbd_socket is None and self.nbd_listen is None:
+            raise ValueError("set --nbd-socket PATH and/or --nbd-listen HOST:PORT")
+        return self
+
+    @property
+    def nbd_listen_address(self) -> tuple[str, int] | None:
+        """`nbd_listen` as (host, port), or None when TCP is off."""
+        return None if self.nbd_listen is None else parse_host_port(self.nbd_listen)

@@ -1,0 +1,316 @@
+"""Asyncio links from the client to page servers: one DEALER per server, batched per loop turn.
+
+Every page operation the remote backend starts during one turn of the event loop is gathered
+into one message per server and operation (a GET of 32 single-page NBD reads is one
+`get_pages_request` of 32 keys), sent when the loop turn ends. Replies are matched by
+`parent_id` and resolve one future per batch, not per page.
+
+The socket is driven from the event loop's reader callback on the ZeroMQ FD (edge-triggered:
+after each send the socket's EVENTS are checked again), which costs less per message than
+zmq.asyncio's future per recv. A batch that gets no answer within `timeout` fails with
+`ReplicaFailure`; the backend then tries another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+from pydantic import TypeAdapter
+from remem_common.framing import decode, encode
+from remem_common.pageserver_client import REPLY_ADAPTER, AnyReply
+from remem_common.protocol.client_pageserver import (
+    DeletePagesRequest,
+    GetPagesReply,
+    GetPagesRequest,
+    PutPagesRequest,
+)
+from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
+from remem_common.protocol.pages import (
+    KEY_DTYPE,
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    KeyArray,
+    PageArray,
+    U32Array,
+    unpack_crcs,
+    unpack_pages,
+)
+
+log = logging.getLogger("client.links")
+_ADAPTER: TypeAdapter[AnyReply] = REPLY_ADAPTER
+
+
+class ReplicaFailure(Exception):
+    """A page server did not serve a batch: error reply, timeout or link closed."""
+
+    def __init__(self, server_id: str, code: ErrorCode | str, detail: str) -> None:
+        super().__init__(f"{server_id}: {code}: {detail}")
+        self.server_id = server_id
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """One GET batch's answer; a request reads its rows [start, start + count)."""
+
+    found: np.ndarray[Any, np.dtype[np.bool_]]
+    crcs: U32Array
+    data: PageArray
+
+
+@dataclass
+class _Batch:
+    """Pages gathered for one message: key, checksum and data arrays from several callers."""
+
+    op: str
+    keys: list[KeyArray] = field(default_factory=list)
+    crcs: list[U32Array] = field(default_factory=list)
+    data: list[PageArray] = field(default_factory=list)
+    count: int = 0
+    future: asyncio.Future[Any] | None = None
+    # Global page numbers touched, as (first, last) spans: a page may appear only once in a
+    # message, so a caller whose span overlaps one already gathered starts a new batch.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def overlaps(self, first: int, last: int) -> bool:
+        return any(
+            first <= other_last and other_first <= last for other_first, other_last in self.spans
+        )
+
+
+class PageServerLink:
+    """The client's connection to one page server."""
+
+    def __init__(
+        self,
+        server_id: str,
+        endpoint: str,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]],
+        tenant: str,
+        volume: int,
+        timeout: float,
+    ) -> None:
+        self.server_id = server_id
+        self.endpoint = endpoint
+        self.tenant = tenant
+        self.volume = volume
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._socket: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        # Keep at most this many messages queued toward a server that is not reading: past
+        # it, sends fail at once rather than buffering pages without bound.
+        self._socket.setsockopt(zmq.SNDHWM, 256)
+        self._socket.connect(endpoint)
+        fd = self._socket.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        self._open: dict[str, _Batch] = {}
+        self._flush_scheduled = False
+        self.closed = False
+
+    # -- public operations: each returns the future of the batch the pages joined ----------
+
+    def submit_get(
+        self, keys: KeyArray, first: int, last: int
+    ) -> tuple[asyncio.Future[GetResult], int]:
+        """Read pages; the future's GetResult holds this caller's rows from the second value."""
+        batch, start = self._join("get", keys, None, None, first, last)
+        assert batch.future is not None
+        return batch.future, start
+
+    def submit_put(
+        self, keys: KeyArray, crcs: U32Array, data: PageArray, first: int, last: int
+    ) -> asyncio.Future[Any]:
+        """Store pages (all or nothing on this server)."""
+        batch, _ = self._join("put", keys, crcs, data, first, last)
+        assert batch.future is not None
+        return batch.future
+
+    def submit_delete(self, keys: KeyArray, first: int, last: int) -> asyncio.Future[Any]:
+        """Free pages (trim)."""
+        batch, _ = self._join("delete", keys, None, None, first, last)
+        assert batch.future is not None
+        return batch.future
+
+    def close(self) -> None:
+        """Fail everything outstanding and close the socket."""
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        for future, timer in self._waiting.values():
+            timer.cancel()
+            if not future.done():
+                future.set_exception(ReplicaFailure(self.server_id, "closed", "link closed"))
+        self._waiting.clear()
+        for batch in self._open.values():
+            if batch.future is not None and not batch.future.done():
+                batch.future.set_exception(ReplicaFailure(self.server_id, "closed", "link closed"))
+        self._open.clear()
+        self._socket.close(linger=0)
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _join(
+        self,
+        op: str,
+        keys: KeyArray,
+        crcs: U32Array | None,
+        data: PageArray | None,
+        first: int,
+        last: int,
+    ) -> tuple[_Batch, int]:
+        if self.closed:
+            raise ReplicaFailure(self.server_id, "closed", "link closed")
+        count = keys.shape[0]
+        batch = self._open.get(op)
+        if batch is not None and (
+            batch.count + count > MAX_BATCH_PAGES or batch.overlaps(first, last)
+        ):
+            self._send(self._open.pop(op))
+            batch = None
+        if batch is None:
+            batch = _Batch(op=op, future=self._loop.create_future())
+            self._open[op] = batch
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        start = batch.count
+        batch.keys.append(keys)
+        if crcs is not None and data is not None:
+            batch.crcs.append(crcs)
+            batch.data.append(data)
+        batch.count += count
+        batch.spans.append((first, last))
+        return batch, start
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batches = list(self._open.values())
+        self._open.clear()
+        for batch in batches:
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        assert batch.future is not None
+        try:
+            self._send_batch(batch, batch.future)
+        except Exception as exc:  # a bug here must fail the callers, not leave them waiting
+            log.exception("cannot send a %s batch to %s", batch.op, self.server_id)
+            if not batch.future.done():
+                batch.future.set_exception(
+                    ReplicaFailure(self.server_id, ErrorCode.INTERNAL, f"send failed: {exc}")
+                )
+
+    def _send_batch(self, batch: _Batch, future: asyncio.Future[Any]) -> None:
+        msg_id = next(self._ids)
+        keys = batch.keys[0] if len(batch.keys) == 1 else np.concatenate(batch.keys)
+        msg: Any
+        payload: list[Any]
+        if batch.op == "get":
+            msg = GetPagesRequest(
+                msg_id=msg_id, tenant=self.tenant, volume=self.volume, count=batch.count
+            )
+            payload = [keys]
+        elif batch.op == "put":
+            msg = PutPagesRequest(
+                msg_id=msg_id, tenant=self.tenant, volume=self.volume, count=batch.count
+            )
+            crcs = batch.crcs[0] if len(batch.crcs) == 1 else np.concatenate(batch.crcs)
+            data = batch.data[0] if len(batch.data) == 1 else np.concatenate(batch.data)
+            payload = [keys, crcs, data]
+        else:
+            msg = DeletePagesRequest(
+                msg_id=msg_id, tenant=self.tenant, volume=self.volume, count=batch.count
+            )
+            payload = [keys]
+        try:
+            self._socket.send_multipart(encode(msg, *payload), flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            future.set_exception(
+                ReplicaFailure(self.server_id, ErrorCode.UNAVAILABLE, f"send failed: {exc}")
+            )
+            return
+        timer = self._loop.call_later(self.timeout, self._expire, msg_id)
+        self._waiting[msg_id] = (future, timer)
+        # The ZeroMQ FD is edge-triggered and a send may have consumed the edge that says a
+        # reply is waiting: look once more from the loop.
+        self._loop.call_soon(self._on_readable)
+
+    def _expire(self, msg_id: int) -> None:
+        entry = self._waiting.pop(msg_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(
+                ReplicaFailure(self.server_id, "timeout", f"no answer in {self.timeout}s")
+            )
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if self.closed:
+            return
+        while int(self._socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_reply(frames)
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        try:
+            reply, payload = decode(frames, _ADAPTER)
+        except ProtocolError as exc:
+            log.warning("malformed reply from %s: %s", self.server_id, exc.detail)
+            return
+        entry = self._waiting.pop(reply.parent_id, None)
+        if entry is None:
+            return  # answered after its timeout: the caller has moved on
+        future, timer = entry
+        timer.cancel()
+        if future.done():
+            return
+        if isinstance(reply, ErrorReply):
+            future.set_exception(ReplicaFailure(self.server_id, reply.error_code, reply.detail))
+        elif isinstance(reply, GetPagesReply):
+            count = reply.count
+            try:
+                found = np.frombuffer(payload[0], dtype=np.uint8).view(np.bool_)
+                if found.shape[0] != count:
+                    raise ProtocolError(
+                        ErrorCode.MALFORMED, "found frame length", reason="bad_payload"
+                    )
+                result = GetResult(
+                    found, unpack_crcs(payload[1], count), unpack_pages(payload[2], count)
+                )
+            except (ProtocolError, IndexError) as exc:
+                future.set_exception(
+                    ReplicaFailure(self.server_id, ErrorCode.MALFORMED, f"bad get reply: {exc}")
+                )
+                return
+            future.set_result(result)
+        else:
+            future.set_result(reply)
+
+
+def page_keys(first_page: int, count: int, slab_pages: int) -> KeyArray:
+    """Keys of `count` consecutive device pages starting at global page `first_page`."""
+    pages = np.arange(first_page, first_page + count, dtype=np.uint64)
+    keys = np.empty(count, dtype=KEY_DTYPE)
+    keys["slab"] = pages // slab_pages
+    keys["page"] = pages % slab_pages
+    return keys
+
+
+__all__ = ["PAGE_SIZE", "GetResult", "PageServerLink", "ReplicaFailure", "page_keys"]

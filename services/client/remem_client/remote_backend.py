@@ -1,0 +1,519 @@
+"""The remote backend: the device's pages live on k page servers, placed by placement.
+
+State kept on the client is small and flat: one bit per device page saying whether it was
+ever written (a page never written reads as zeros without network traffic), and per slab the
+ids of its replicas. That is 32 KiB per GiB of device for the bits plus a few bytes per
+64 MiB slab, against the seed's per-page bitfield.
+
+Writes go to every live replica of the slab at once, batched with other requests of the same
+loop turn, and complete when all of them acknowledged; a replica that fails is dropped from
+use, reported to placement, and the write completes on the rest. Reads go to one replica
+(spread over a slab's replicas by slab number) and fail over, page by page, on an error,
+timeout, missing page or checksum mismatch. The kernel sees an error only when no copy is
+left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import zmq
+from remem_common.protocol.pages import (
+    MAX_BATCH_PAGES,
+    PAGE_SIZE,
+    SLAB_PAGES,
+    PageArray,
+    checksum_pages,
+)
+
+from remem_client.backend import BackendError
+from remem_client.links import PageServerLink, ReplicaFailure, page_keys
+
+log = logging.getLogger("client.remote")
+# Seconds a replica that failed a request is left alone before it is tried again (unless
+# placement's map drops it first).
+FAILURE_BACKOFF = 5.0
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A page server holding a slab."""
+
+    server_id: str
+    endpoint: str
+
+
+class SlabPlacement(Protocol):
+    """What the backend needs of placement (implemented by the placement client)."""
+
+    async def allocate(self, slab: int) -> list[Replica]:
+        """The replicas of `slab`, allocating them on first use."""
+        ...
+
+    def report_failure(self, server_id: str, slab: int, detail: str) -> None:
+        """Tell placement a replica failed a request (fire and forget)."""
+        ...
+
+
+@dataclass
+class RemoteStats:
+    """Counters the metrics module exports (plain ints: cheap on the hot path)."""
+
+    failovers: int = 0
+    replica_failures: int = 0
+    pages_read_remote: int = 0
+    pages_read_zero: int = 0
+    pages_written: int = 0
+
+
+class RemoteBackend:
+    """A `Backend` whose pages are replicated over page servers."""
+
+    can_trim = True
+    can_fua = True
+    can_flush = True
+    can_write_zeroes = True
+    can_multi_conn = True
+    can_fast_zero = True
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        tenant: str,
+        volume: int,
+        placement: SlabPlacement,
+        context: zmq.Context[zmq.Socket[bytes]],
+        replica_timeout: float,
+        on_replica_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        if size % PAGE_SIZE:
+            raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
+        self._size = size
+        self.tenant = tenant
+        self.volume = volume
+        self._placement = placement
+        self._context = context
+        self._timeout = replica_timeout
+        self._on_failure = on_replica_failure
+        self.page_count = size // PAGE_SIZE
+        self.slab_count = -(-self.page_count // SLAB_PAGES)
+        self._written = np.zeros(-(-self.page_count // 8), dtype=np.uint8)
+        self._slab_replicas: list[list[Replica] | None] = [None] * self.slab_count
+        # Servers a slab push is filling right now: written to, not yet read from.
+        self._slab_filling: list[list[Replica]] = [[] for _ in range(self.slab_count)]
+        # Slabs adopted from placement's map at start (a restarted client): which of their
+        # pages were written is not known here, so their unmarked pages are looked up on the
+        # replicas, and a page no replica holds reads as zeros.
+        self._slab_unknown = np.zeros(self.slab_count, dtype=np.bool_)
+        self._allocating: dict[int, asyncio.Future[list[Replica]]] = {}
+        self._links: dict[str, PageServerLink] = {}
+        # server id -> when it failed; skipped for FAILURE_BACKOFF seconds while placement
+        # still lists it (a dead one leaves the map and is forgotten then).
+        self._failed: dict[str, float] = {}
+        self._edge_locks: dict[int, asyncio.Lock] = {}
+        self.stats = RemoteStats()
+
+    # -- metadata --------------------------------------------------------------------------
+
+    def metadata_bytes(self) -> int:
+        """Client memory spent on location metadata (bitmap + slab map)."""
+        slab_entries = sum(len(r) for r in self._slab_replicas if r is not None)
+        return int(self._written.nbytes) + 8 * self.slab_count + 16 * slab_entries
+
+    def _written_mask(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
+        bits = np.unpackbits(self._written[byte0:byte1], bitorder="little")
+        start = first - byte0 * 8
+        return bits[start : start + count].astype(np.bool_)
+
+    def _maybe_written(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Pages that may hold data: marked written, or in a slab adopted after a restart."""
+        written = self._written_mask(first, count)
+        if self._slab_unknown.any():
+            for seg_first, seg_count in _slab_segments(first, count):
+                if self._slab_unknown[seg_first // SLAB_PAGES]:
+                    written[seg_first - first : seg_first - first + seg_count] = True
+        return written
+
+    def _set_written(self, first: int, count: int, value: bool) -> None:
+        byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
+        bits = np.unpackbits(self._written[byte0:byte1], bitorder="little")
+        start = first - byte0 * 8
+        bits[start : start + count] = value
+        self._written[byte0:byte1] = np.packbits(bits, bitorder="little")
+
+    def written_pages(self) -> int:
+        return int(np.unpackbits(self._written).sum())
+
+    def replicas_of(self, slab: int) -> list[Replica] | None:
+        return self._slab_replicas[slab]
+
+    def set_replicas(
+        self,
+        slab: int,
+        replicas: list[Replica],
+        filling: list[Replica] | None = None,
+        *,
+        adopted: bool = False,
+    ) -> None:
+        """Adopt a replica set for `slab` (a map update from placement).
+
+        Args:
+            replicas: servers holding the slab: read and written.
+            filling: servers a slab push is copying to: written, not read yet.
+            adopted: the slab comes from placement's map, not from our own allocation
+                (client restart): its written pages are unknown here.
+        """
+        if adopted and self._slab_replicas[slab] is None:
+            self._slab_unknown[slab] = True
+        self._slab_replicas[slab] = list(replicas)
+        self._slab_filling[slab] = list(filling or [])
+        for replica in [*replicas, *self._slab_filling[slab]]:
+            self._link(replica)
+
+    def keep_only_servers(self, server_ids: set[str]) -> None:
+        """Close links to servers placement no longer lists (dead or drained)."""
+        for server_id in list(self._links):
+            if server_id not in server_ids:
+                self._links.pop(server_id).close()
+                self._failed.pop(server_id, None)
+
+    def mark_written(self, first: int, count: int) -> None:
+        """Record pages as written (rebuilding state after a client restart)."""
+        self._set_written(first, count, True)
+
+    # -- replicas --------------------------------------------------------------------------
+
+    def _link(self, replica: Replica) -> PageServerLink:
+        link = self._links.get(replica.server_id)
+        if link is None or link.endpoint != replica.endpoint:
+            if link is not None:
+                link.close()
+            link = PageServerLink(
+                replica.server_id,
+                replica.endpoint,
+                context=self._context,
+                tenant=self.tenant,
+                volume=self.volume,
+                timeout=self._timeout,
+            )
+            self._links[replica.server_id] = link
+        return link
+
+    async def _replicas(self, slab: int) -> list[Replica]:
+        replicas = self._slab_replicas[slab]
+        if replicas is not None:
+            return replicas
+        pending = self._allocating.get(slab)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._allocating[slab] = pending
+            try:
+                allocated = await self._placement.allocate(slab)
+            except Exception as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved here; waiters re-raise it
+                del self._allocating[slab]
+                raise BackendError(errno.EIO, f"no replicas for slab {slab}: {exc}") from exc
+            self.set_replicas(slab, allocated)
+            del self._allocating[slab]
+            pending.set_result(allocated)
+            return allocated
+        try:
+            return await pending
+        except Exception as exc:
+            raise BackendError(errno.EIO, f"no replicas for slab {slab}: {exc}") from exc
+
+    def _live(self, replicas: list[Replica]) -> list[Replica]:
+        if not self._failed:
+            return replicas
+        now = time.monotonic()
+        for server_id, since in list(self._failed.items()):
+            if now - since > FAILURE_BACKOFF:
+                del self._failed[server_id]
+        return [r for r in replicas if r.server_id not in self._failed]
+
+    def _write_targets(self, slab: int, replicas: list[Replica]) -> list[Replica]:
+        return self._live([*replicas, *self._slab_filling[slab]])
+
+    def _replica_failed(self, failure: ReplicaFailure, slab: int) -> None:
+        self.stats.replica_failures += 1
+        if failure.server_id not in self._failed:
+            log.warning(
+                "replica failed server=%s code=%s detail=%s",
+                failure.server_id,
+                failure.code,
+                failure.detail,
+            )
+            self._failed[failure.server_id] = time.monotonic()
+            if self._on_failure is not None:
+                self._on_failure(failure.server_id)
+        self._placement.report_failure(failure.server_id, slab, f"{failure.code}")
+
+    def forget_failure(self, server_id: str) -> None:
+        """Use `server_id` again (placement says it is alive and holds our slabs)."""
+        self._failed.pop(server_id, None)
+
+    # -- Backend interface -----------------------------------------------------------------
+
+    def size(self) -> int:
+        return self._size
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        first = offset // PAGE_SIZE
+        last = (offset + length - 1) // PAGE_SIZE
+        pages = await self._read_pages(first, last - first + 1)
+        skip = offset - first * PAGE_SIZE
+        view = memoryview(pages.data).cast("B")
+        return view[skip : skip + length]
+
+    async def _read_pages(self, first: int, count: int) -> PageArray:
+        """Pages [first, first + count) as a (count, 4096) array the caller may keep."""
+        written = self._maybe_written(first, count)
+        if not written.any():
+            self.stats.pages_read_zero += count
+            return np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+        out: PageArray | None = None
+        for seg_first, seg_count in _slab_segments(first, count):
+            offset = seg_first - first
+            mask = written[offset : offset + seg_count]
+            if not mask.any():
+                continue
+            rows = await self._read_segment(seg_first, seg_count, mask)
+            if out is None and seg_count == count and mask.all():
+                return rows  # one slab, all pages written: the reply's array is ours
+            if out is None:
+                out = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+            out[offset : offset + seg_count][mask] = rows
+        self.stats.pages_read_zero += int(count - written.sum())
+        assert out is not None
+        return out
+
+    async def _read_segment(
+        self, first: int, count: int, mask: np.ndarray[Any, np.dtype[np.bool_]]
+    ) -> PageArray:
+        """The written pages (where `mask`) of one slab's run of pages, failing over."""
+        slab = first // SLAB_PAGES
+        replicas = self._slab_replicas[slab]
+        if replicas is None:
+            raise BackendError(errno.EIO, f"slab {slab} has written pages but no replicas")
+        keys = page_keys(first, count, SLAB_PAGES)[mask]
+        wanted = keys.shape[0]
+        rows = np.empty((wanted, PAGE_SIZE), dtype=np.uint8)
+        todo = np.ones(wanted, dtype=np.bool_)
+        live = self._live(replicas)
+        # Spread reads over a slab's replicas: slab n prefers its (n mod k)-th replica.
+        if live:
+            shift = slab % len(live)
+            live = live[shift:] + live[:shift]
+        for attempt, replica in enumerate(live):
+            link = self._links.get(replica.server_id) or self._link(replica)
+            sub = keys if todo.all() else keys[todo]
+            try:
+                future, start = link.submit_get(sub, first, first + count - 1)
+                result = await future
+            except ReplicaFailure as failure:
+                self._replica_failed(failure, slab)
+                self.stats.failovers += 1
+                continue
+            found = result.found[start : start + sub.shape[0]]
+            crcs = result.crcs[start : start + sub.shape[0]]
+            data = result.data[start : start + sub.shape[0]]
+            good = found.copy()
+            if good.any():
+                good[good] = checksum_pages(data[good]) == crcs[good]
+            if good.all() and todo.all():
+                self.stats.pages_read_remote += wanted
+                return data
+            positions = np.flatnonzero(todo)
+            rows[positions[good]] = data[good]
+            todo[positions[good]] = False
+            if not todo.any():
+                self.stats.pages_read_remote += wanted
+                return rows
+            if attempt + 1 < len(live):
+                self.stats.failovers += 1
+            bad = int(np.count_nonzero(~good))
+            log.warning(
+                "replica %s lacks or corrupts %d pages of slab %d; failing over",
+                replica.server_id,
+                bad,
+                slab,
+            )
+            self._placement.report_failure(replica.server_id, slab, "missing or corrupt pages")
+        if self._slab_unknown[slab] and len(live) == len(replicas):
+            # Adopted after a restart: every replica answered and none holds these pages, so
+            # they were never written (or trimmed). They read as zeros.
+            rows[todo] = 0
+            return rows
+        raise BackendError(
+            errno.EIO, f"{int(todo.sum())} pages of slab {slab} are on no live replica"
+        )
+
+    async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        end = offset + len(data)
+        if offset % PAGE_SIZE == 0 and end % PAGE_SIZE == 0:
+            pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            await self._write_pages(offset // PAGE_SIZE, pages)
+            return
+        await self._read_modify_write(offset, end, lambda buf, skip: _patch(buf, skip, data))
+
+    async def _read_modify_write(
+        self, offset: int, end: int, patch: Callable[[PageArray, int], None]
+    ) -> None:
+        """Write a range that does not start and end on page boundaries."""
+        first = offset // PAGE_SIZE
+        last = (end - 1) // PAGE_SIZE
+        edges = sorted({first, last})
+        locks = [self._edge_locks.setdefault(page, asyncio.Lock()) for page in edges]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            pages = (await self._read_pages(first, last - first + 1)).copy()
+            patch(pages, offset - first * PAGE_SIZE)
+            await self._write_pages(first, pages)
+        finally:
+            for page, lock in zip(edges, locks, strict=True):
+                lock.release()
+                if not lock.locked() and self._edge_locks.get(page) is lock:
+                    del self._edge_locks[page]
+
+    async def _write_pages(self, first: int, pages: PageArray) -> None:
+        count = pages.shape[0]
+        crcs = checksum_pages(pages)
+        waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any]]]]] = []
+        for seg_first, seg_count in _slab_segments(first, count):
+            slab = seg_first // SLAB_PAGES
+            replicas = await self._replicas(slab)
+            offset = seg_first - first
+            keys = page_keys(seg_first, seg_count, SLAB_PAGES)
+            rows = pages[offset : offset + seg_count]
+            seg_crcs = crcs[offset : offset + seg_count]
+            futures = []
+            for replica in self._write_targets(slab, replicas):
+                link = self._links.get(replica.server_id) or self._link(replica)
+                try:
+                    futures.append(
+                        (
+                            replica,
+                            link.submit_put(
+                                keys, seg_crcs, rows, seg_first, seg_first + seg_count - 1
+                            ),
+                        )
+                    )
+                except ReplicaFailure as failure:
+                    self._replica_failed(failure, slab)
+            waits.append((slab, seg_first, seg_count, futures))
+        for slab, seg_first, seg_count, futures in waits:
+            stored = 0
+            for _replica, future in futures:
+                try:
+                    await future
+                    stored += 1
+                except ReplicaFailure as failure:
+                    self._replica_failed(failure, slab)
+            if not stored:
+                raise BackendError(errno.EIO, f"no live replica stored slab {slab}'s pages")
+            self._set_written(seg_first, seg_count, True)
+        self.stats.pages_written += count
+
+    async def flush(self) -> None:
+        # A write completes only once every live replica acknowledged it: there is nothing
+        # left to flush.
+        return None
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._free_whole_pages(offset, length)
+
+    async def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        end = offset + length
+        first_full = -(-offset // PAGE_SIZE) * PAGE_SIZE
+        last_full = end // PAGE_SIZE * PAGE_SIZE
+        if first_full < last_full:
+            # A page that is not marked written reads as zeros: freeing whole pages is zeroing
+            # them, with or without NBD_CMD_FLAG_NO_HOLE.
+            await self._free_whole_pages(first_full, last_full - first_full)
+        for edge_start, edge_end in _partial_edges(offset, end, first_full, last_full):
+            length = edge_end - edge_start
+            await self._read_modify_write(edge_start, edge_end, functools.partial(_zero, n=length))
+
+    async def _free_whole_pages(self, offset: int, length: int) -> None:
+        first = -(-offset // PAGE_SIZE)
+        end_page = (offset + length) // PAGE_SIZE
+        if end_page <= first:
+            return
+        count = end_page - first
+        written = self._maybe_written(first, count)
+        self._set_written(first, count, False)
+        if not written.any():
+            return
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        for seg_first, seg_count in _slab_segments(first, count):
+            mask = written[seg_first - first : seg_first - first + seg_count]
+            slab = seg_first // SLAB_PAGES
+            replicas = self._slab_replicas[slab]
+            if not mask.any() or replicas is None:
+                continue
+            keys = page_keys(seg_first, seg_count, SLAB_PAGES)[mask]
+            for replica in self._write_targets(slab, replicas):
+                link = self._links.get(replica.server_id) or self._link(replica)
+                try:
+                    pending.append(
+                        (slab, link.submit_delete(keys, seg_first, seg_first + seg_count - 1))
+                    )
+                except ReplicaFailure as failure:
+                    self._replica_failed(failure, slab)
+        for slab, future in pending:
+            try:
+                await future
+            except ReplicaFailure as failure:
+                # The pages are unmarked already and read as zeros; a replica that missed the
+                # delete only holds garbage until the slab is dropped.
+                self._replica_failed(failure, slab)
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+
+
+def _slab_segments(first: int, count: int) -> list[tuple[int, int]]:
+    """Split pages [first, first + count) at slab boundaries and into runs a batch message
+    can carry: [(first, count), ...]."""
+    segments = []
+    end = first + count
+    while first < end:
+        stop = min(end, (first // SLAB_PAGES + 1) * SLAB_PAGES, first + MAX_BATCH_PAGES)
+        segments.append((first, stop - first))
+        first = stop
+    return segments
+
+
+def _partial_edges(offset: int, end: int, first_full: int, last_full: int) -> list[tuple[int, int]]:
+    """Byte ranges of a request that lie in partially covered pages."""
+    if first_full >= last_full:
+        return [(offset, end)]
+    edges = []
+    if offset < first_full:
+        edges.append((offset, first_full))
+    if last_full < end:
+        edges.append((last_full, end))
+    return edges
+
+
+def _patch(pages: PageArray, skip: int, data: memoryview) -> None:
+    flat = pages.reshape(-1)
+    flat[skip : skip + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+
+def _zero(pages: PageArray, skip: int, n: int) -> None:
+    pages.reshape(-1)[skip : skip + n] = 0

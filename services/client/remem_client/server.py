@@ -1,0 +1,241 @@
+"""The client service: NBD listeners, metrics endpoint, lifecycle and graceful shutdown.
+
+`NbdServer` serves one export over any number of Unix/TCP listeners (usable in-process by
+tests); `run` is the service: build the backend, bind everything, log the ready line,
+serve until SIGTERM/SIGINT, then stop accepting, let in-flight requests finish (requests
+that arrive meanwhile get ESHUTDOWN), close connections and the backend, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from prometheus_client import REGISTRY, start_http_server
+
+from remem_client.memory_backend import MemoryBackend
+from remem_client.metrics import build_metrics
+from remem_client.nbd import wire
+from remem_client.nbd.handshake import Export
+from remem_client.nbd.transmission import ExportContext, connection_factory
+
+if TYPE_CHECKING:
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from remem_client.backend import Backend
+    from remem_client.config import ClientConfig
+    from remem_client.metrics import NbdStats
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class StartupError(Exception):
+    """Something could not be bound or built; the message is the one log line."""
+
+
+def transmission_flags(backend: Backend) -> int:
+    """Transmission flags from the backend's capabilities (DF is added per connection)."""
+    flags = wire.FLAG_HAS_FLAGS
+    if backend.can_flush:
+        flags |= wire.FLAG_SEND_FLUSH
+    if backend.can_fua:
+        flags |= wire.FLAG_SEND_FUA
+    if backend.can_trim:
+        flags |= wire.FLAG_SEND_TRIM
+    if backend.can_write_zeroes:
+        # FAST_ZERO is advertised whenever zeroing is: a backend that cannot zero quickly
+        # gets FAST_ZERO requests failed at once with ENOTSUP, which the spec allows.
+        flags |= wire.FLAG_SEND_WRITE_ZEROES | wire.FLAG_SEND_FAST_ZERO
+    if backend.can_multi_conn:
+        flags |= wire.FLAG_CAN_MULTI_CONN
+    return flags
+
+
+def make_backend(config: ClientConfig) -> Backend:
+    """Build the backend `config.backend` names."""
+    if config.backend == "memory":
+        try:
+            return MemoryBackend(int(config.size))
+        except OSError as exc:
+            raise StartupError(f"cannot allocate {int(config.size)} bytes: {exc}") from exc
+    raise StartupError(f"unknown backend {config.backend!r}")
+
+
+def nbd_unix_uri(export_name: str, path: str) -> str:
+    """nbd+unix:///EXPORT?socket=PATH, percent-encoded so it has no spaces."""
+    return f"nbd+unix:///{quote(export_name, safe='')}?socket={quote(path, safe='/')}"
+
+
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT with IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a Unix socket left by a dead server; refuse to touch anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"--nbd-socket {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"--nbd-socket {path} is in use by another server")
+
+
+class NbdServer:
+    """One NBD export served over Unix and/or TCP listeners."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        stats: NbdStats,
+        *,
+        export_name: str = "remem",
+        description: str = "remem replicated remote memory",
+    ) -> None:
+        export = Export(
+            name=export_name,
+            description=description,
+            size=backend.size(),
+            flags=transmission_flags(backend),
+        )
+        self.ctx = ExportContext(backend, export, stats)
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[Path] = []
+        loop = asyncio.get_running_loop()
+        # uvloop's writelines passes all reply buffers to one writev without joining them.
+        self.ctx.scatter_gather = type(loop).__module__.startswith("uvloop")
+
+    async def listen_unix(self, path: Path) -> None:
+        """Listen on a Unix socket at `path` (a stale socket file is replaced)."""
+        _remove_stale_socket(path)
+        server = await asyncio.get_running_loop().create_unix_server(
+            connection_factory(self.ctx), path=str(path), backlog=128
+        )
+        self._servers.append(server)
+        self._unix_paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on TCP; returns the bound (host, port) (port 0 picks one)."""
+        server = await asyncio.get_running_loop().create_server(
+            connection_factory(self.ctx), host=host, port=port, backlog=128, reuse_address=True
+        )
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    async def shutdown(self, drain_timeout: float) -> bool:
+        """Stop accepting, drain in-flight requests, close everything.
+
+        Returns:
+            True if every connection closed within `drain_timeout` seconds (the rest are
+            aborted).
+        """
+        ctx = self.ctx
+        ctx.shutting_down = True
+        for server in self._servers:
+            server.close()
+        connections = list(ctx.connections)
+        for connection in connections:
+            connection.begin_shutdown()
+        drained = True
+        if connections:
+            _done, pending = await asyncio.wait(
+                [connection.closed for connection in connections], timeout=drain_timeout
+            )
+            if pending:
+                drained = False
+                for connection in list(ctx.connections):
+                    connection.abort()
+                await asyncio.wait([connection.closed for connection in connections], timeout=1.0)
+        for path in self._unix_paths:
+            path.unlink(missing_ok=True)
+        await ctx.backend.close()
+        return drained
+
+
+async def run(
+    config: ClientConfig, log: logging.Logger, registry: CollectorRegistry = REGISTRY
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        backend = make_backend(config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    stats = build_metrics(registry)
+    server = NbdServer(
+        backend,
+        stats,
+        export_name=config.export_name,
+        description=f"remem ({config.backend} backend)",
+    )
+    metrics_http = None
+    fields: list[str] = []
+    try:
+        try:
+            metrics_http, _thread = start_http_server(
+                config.metrics_port, addr=config.metrics_host, registry=registry
+            )
+        except OSError as exc:
+            host = host_port(config.metrics_host, config.metrics_port)
+            raise StartupError(f"cannot bind metrics endpoint {host}: {exc}") from exc
+        if config.nbd_socket is not None:
+            try:
+                await server.listen_unix(config.nbd_socket)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {config.nbd_socket}: {exc}") from exc
+            fields.append("nbd_uri=" + nbd_unix_uri(config.export_name, str(config.nbd_socket)))
+        address = config.nbd_listen_address
+        if address is not None:
+            try:
+                host, port = await server.listen_tcp(*address)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {config.nbd_listen}: {exc}") from exc
+            if config.nbd_socket is None:
+                fields.append(f"nbd_uri=nbd://{host_port(host, port)}/{quote(config.export_name)}")
+            fields.append(f"nbd_tcp={host_port(host, port)}")
+    except StartupError as exc:
+        log.error("%s", exc)
+        await server.shutdown(0.1)
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        return EXIT_FAILURE
+
+    metrics_host, metrics_port = metrics_http.server_address[:2]
+    fields.append(f"metrics=http://{host_port(str(metrics_host), int(metrics_port))}")
+    log.info(
+        "serving export %r size=%d backend=%s", config.export_name, int(config.size), config.backend
+    )
+    log.info("ready %s", " ".join(fields))
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", config.drain_timeout)
+    drained = await server.shutdown(config.drain_timeout)
+    if not drained:
+        log.warning("drain timed out; remaining connections aborted")
+    with contextlib.suppress(Exception):
+        metrics_http.shutdown()
+        metrics_http.server_close()
+    log.info("stopped")
+    return EXIT_OK

@@ -1,0 +1,145 @@
+"""The client's remote backend against real page server processes.
+
+Placement is the one part replaced here: `FixedPlacement` hands out replicas round-robin so
+these tests pin down the data path alone (replication, failover, read-modify-write, trim).
+The placement service's own tests cover choosing servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import zmq
+from remem_client.backend import BackendError
+from remem_client.remote_backend import RemoteBackend, Replica
+from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES, SLAB_PAGES
+from remem_common.testing import ServiceProcess
+
+from ..conftest import StartPageServer
+
+SIZE = 4 * SLAB_BYTES  # 256 MiB: four slabs
+
+
+class FixedPlacement:
+    """Replicas for slab n: servers n, n+1, ... (mod the number of servers)."""
+
+    def __init__(self, servers: list[ServiceProcess], replicas: int) -> None:
+        self.servers = [Replica(s.ready["server_id"], s.ready["endpoint"]) for s in servers]
+        self.replicas = replicas
+        self.failures: list[tuple[str, int]] = []
+        self.allocations = 0
+
+    async def allocate(self, slab: int) -> list[Replica]:
+        self.allocations += 1
+        count = len(self.servers)
+        return [self.servers[(slab + i) % count] for i in range(self.replicas)]
+
+    def report_failure(self, server_id: str, slab: int, detail: str) -> None:
+        self.failures.append((server_id, slab))
+
+
+@pytest.fixture
+async def cluster(
+    start_pageserver: StartPageServer,
+) -> AsyncIterator[tuple[RemoteBackend, FixedPlacement, list[ServiceProcess]]]:
+    servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(3)]
+    placement = FixedPlacement(servers, replicas=2)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    backend = RemoteBackend(
+        size=SIZE, tenant="t", volume=0, placement=placement, context=context, replica_timeout=1.0
+    )
+    yield backend, placement, servers
+    await backend.close()
+    context.destroy(linger=0)
+
+
+def random_bytes(length: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
+
+
+async def test_unwritten_pages_read_as_zeros_without_allocating(cluster) -> None:
+    backend, placement, _ = cluster
+    assert bytes(await backend.pread(12345, 100000)) == bytes(100000)
+    assert placement.allocations == 0
+    assert backend.metadata_bytes() <= 64 * 1024 * SIZE // 2**30
+
+
+async def test_writes_reads_at_any_offset_across_slabs(cluster) -> None:
+    backend, placement, _ = cluster
+    model = bytearray(SIZE)
+    rng = np.random.default_rng(4)
+    requests = [
+        (0, 4096),
+        (SLAB_BYTES - 4096, 8192),
+        (SIZE - 4096, 4096),
+        (1, 1),
+        (4095, 2),
+        (SLAB_BYTES - 100, 300),
+        (7 * 4096 + 17, 3 * 4096 + 5),
+        (SIZE - 10, 10),
+    ]
+    requests += [
+        (int(o), int(n))
+        for o, n in zip(rng.integers(0, SIZE - 70000, 40), rng.integers(1, 70000, 40), strict=True)
+    ]
+    for index, (offset, length) in enumerate(requests):
+        data = random_bytes(length, index)
+        await backend.pwrite(offset, memoryview(data), False)
+        model[offset : offset + length] = data
+    for offset, length in requests:
+        assert bytes(await backend.pread(offset, length)) == model[offset : offset + length]
+    # Concurrent requests batch into shared messages and still land right.
+    writes = [(i * 3 * PAGE_SIZE + 5, random_bytes(PAGE_SIZE, 100 + i)) for i in range(64)]
+    await asyncio.gather(*(backend.pwrite(o, memoryview(d), False) for o, d in writes))
+    for offset, data in writes:
+        model[offset : offset + len(data)] = data
+    reads = await asyncio.gather(*(backend.pread(o, len(d)) for o, d in writes))
+    assert all(bytes(r) == model[o : o + len(d)] for r, (o, d) in zip(reads, writes, strict=True))
+    assert placement.allocations == 4
+
+
+async def test_a_dead_replica_is_failed_over(cluster) -> None:
+    backend, placement, servers = cluster
+    data = random_bytes(SIZE // 4, 9)
+    for offset in range(0, SIZE, SIZE // 4):
+        await backend.pwrite(offset, memoryview(data), False)
+    servers[1].kill(signal.SIGKILL)
+    for offset in range(0, SIZE, SIZE // 4):
+        assert bytes(await backend.pread(offset, len(data))) == data
+    assert {server for server, _ in placement.failures} == {servers[1].ready["server_id"]}
+    # Writes go on to the surviving replica of each slab.
+    newer = random_bytes(2 * SLAB_BYTES, 10)
+    await backend.pwrite(SLAB_BYTES, memoryview(newer), True)
+    assert bytes(await backend.pread(SLAB_BYTES, len(newer))) == newer
+    assert backend.stats.failovers >= 1
+
+
+async def test_trim_and_zero_free_pages(cluster) -> None:
+    backend, _, _ = cluster
+    data = random_bytes(64 * PAGE_SIZE, 3)
+    await backend.pwrite(0, memoryview(data), False)
+    assert backend.written_pages() == 64
+    await backend.trim(PAGE_SIZE, 8 * PAGE_SIZE)
+    await backend.zero(20 * PAGE_SIZE + 100, 10 * PAGE_SIZE, False)
+    assert backend.written_pages() == 64 - 8 - 9
+    got = bytes(await backend.pread(0, len(data)))
+    expect = bytearray(data)
+    expect[PAGE_SIZE : 9 * PAGE_SIZE] = bytes(8 * PAGE_SIZE)
+    expect[20 * PAGE_SIZE + 100 : 30 * PAGE_SIZE + 100] = bytes(10 * PAGE_SIZE)
+    assert got == bytes(expect)
+
+
+async def test_no_replica_left_is_an_io_error(cluster) -> None:
+    backend, _, servers = cluster
+    await backend.pwrite(0, memoryview(random_bytes(PAGE_SIZE, 1)), False)
+    for server in servers[:2]:  # slab 0 lives on servers 0 and 1
+        server.kill(signal.SIGKILL)
+    with pytest.raises(BackendError) as failed:
+        await backend.pread(0, PAGE_SIZE)
+    assert failed.value.errno == errno.EIO
+    assert bytes(await backend.pread(SLAB_PAGES * PAGE_SIZE, 10)) == bytes(10)

@@ -1,0 +1,65 @@
+"""The Linux kernel swaps to remem and gets every byte back (root; nbdfuse + loop + cgroup).
+
+Compared in the same run against `nbdkit memory`, the reference NBD server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from remem_common.testing import start_service
+
+from .kernel_swap import available, run_hog
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
+
+why_not = available()
+if why_not:
+    pytestmark.append(pytest.mark.skip(reason=why_not))
+
+
+def test_kernel_swaps_to_nbdkit_reference(tmp_path: Path) -> None:
+    if shutil.which("nbdkit") is None:
+        pytest.skip("nbdkit not installed")
+    sock = tmp_path / "nbdkit.sock"
+    server = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "2G"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"])  # nbdkit has no ready line; its socket is one
+        (tmp_path / "work").mkdir()
+        result = run_hog(f"nbd+unix:///?socket={sock}", tmp_path / "work")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert result.ok, result
+    print(f"nbdkit memory: {result}")
+
+
+def test_kernel_swaps_to_remem_client_memory_backend(tmp_path: Path) -> None:
+    client = start_service(
+        "client",
+        [
+            "client",
+            "--backend",
+            "memory",
+            "--size",
+            "2GiB",
+            "--nbd-socket",
+            str(tmp_path / "nbd.sock"),
+            "--metrics-port",
+            "0",
+        ],
+    )
+    try:
+        (tmp_path / "work").mkdir()
+        result = run_hog(client.ready["nbd_uri"], tmp_path / "work")
+    finally:
+        client.stop()
+    assert result.ok, result
+    assert result.swapped_in_mib > 0
+    print(f"remem client (memory backend): {result}")
