@@ -63,3 +63,20 @@ def test_kernel_swaps_to_remem_client_memory_backend(tmp_path: Path) -> None:
     assert result.ok, result
     assert result.swapped_in_mib > 0
     print(f"remem client (memory backend): {result}")
+
+
+def test_kernel_swaps_to_remem_up_cluster(tmp_path: Path) -> None:
+    """The whole system: placement, 3 page servers, 2 replicas, the client; kernel swap."""
+    cluster = start_service(
+        "up",
+        ["up", "--state-dir", str(tmp_path / "state"), "--size", "1GiB", "--forget"],
+        timeout=300,
+    )
+    try:
+        (tmp_path / "work").mkdir()
+        result = run_hog(cluster.ready["nbd_uri"], tmp_path / "work")
+    finally:
+        assert cluster.stop(timeout=60) == 0
+    assert result.ok, result
+    assert result.swapped_in_mib > 0
+    print(f"remem up (2 replicas over 3 page servers): {result}")

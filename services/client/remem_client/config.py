@@ -15,6 +15,8 @@ from pydantic import ByteSize, Field, field_validator, model_validator
 from remem_common.config import ServiceConfig
 
 from remem_client.nbd import wire
+from remem_common.protocol.client_pageserver import Tenant, VolumeId
+from remem_common.protocol.pages import PAGE_SIZE
 
 PROG = "remem client"
 ENV_PREFIX = "REMEM_CLIENT_"
@@ -46,7 +48,24 @@ class ClientConfig(ServiceConfig):
     )
     export_name: str = Field("remem", description="NBD export name")
     size: ByteSize = Field(description="device size, e.g. 64MiB or 4GiB (required)")
-    backend: Literal["memory"] = Field("memory", description="where pages live: memory")
+    backend: Literal["memory", "remote"] = Field(
+        "memory",
+        description="where pages live: remote (page servers chosen by placement) or memory "
+        "(this process's RAM: tests and benchmarks)",
+    )
+    placement: str | None = Field(
+        None, description="placement's ZeroMQ endpoint (required with --backend remote)"
+    )
+    replicas: int = Field(2, ge=1, le=8, description="copies of every page (k)")
+    tenant: Tenant = Field("default", description="tenant that owns this device's pages")
+    volume: VolumeId = Field(0, description="volume number of this device within the tenant")
+    replica_timeout: float = Field(
+        1.0, gt=0, description="seconds before a page server's silence fails it over"
+    )
+    placement_timeout: float = Field(5.0, gt=0, description="seconds to wait for placement")
+    map_poll_interval: float = Field(
+        1.0, gt=0, description="seconds between slab-map polls (also polled after a failure)"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint")
     metrics_port: int = Field(
         9102, ge=0, le=65535, description="Prometheus endpoint port (0 picks a free port)"
@@ -94,6 +113,11 @@ class ClientConfig(ServiceConfig):
     def _need_a_listener(self) -> ClientConfig:
         if self.nbd_socket is None and self.nbd_listen is None:
             raise ValueError("set --nbd-socket PATH and/or --nbd-listen HOST:PORT")
+        if self.backend == "remote":
+            if not self.placement:
+                raise ValueError("--backend remote needs --placement ENDPOINT")
+            if self.size % PAGE_SIZE:
+                raise ValueError(f"--size must be a multiple of {PAGE_SIZE} for remote")
         return self
 
     @property

@@ -20,7 +20,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,6 +121,8 @@ class RemoteBackend:
         self._failed: dict[str, float] = {}
         self._edge_locks: dict[int, asyncio.Lock] = {}
         self.stats = RemoteStats()
+        # Run after the links are closed (the placement link, the ZeroMQ context).
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -484,6 +486,8 @@ class RemoteBackend:
         for link in self._links.values():
             link.close()
         self._links.clear()
+        for closer in self.on_close:
+            await closer()
 
 
 def _slab_segments(first: int, count: int) -> list[tuple[int, int]]:

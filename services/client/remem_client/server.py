@@ -60,13 +60,17 @@ def transmission_flags(backend: Backend) -> int:
     return flags
 
 
-def make_backend(config: ClientConfig) -> Backend:
+async def make_backend(config: ClientConfig, registry: CollectorRegistry) -> Backend:
     """Build the backend `config.backend` names."""
     if config.backend == "memory":
         try:
             return MemoryBackend(int(config.size))
         except OSError as exc:
             raise StartupError(f"cannot allocate {int(config.size)} bytes: {exc}") from exc
+    if config.backend == "remote":
+        from remem_client.remote import open_remote
+
+        return await open_remote(config, registry)
     raise StartupError(f"unknown backend {config.backend!r}")
 
 
@@ -180,7 +184,7 @@ async def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        backend = make_backend(config)
+        backend = await make_backend(config, registry)
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

@@ -1,0 +1,248 @@
+"""`remem up`: the whole system on one machine, in the foreground.
+
+Starts placement, the page servers and the client (with the mirror once it exists) as
+separate processes, each logging to STATE_DIR/logs/NAME.log, writes STATE_DIR/pids/NAME.pid,
+waits until every page server is registered with placement and the client serves NBD, then
+prints one line with `ready` and the NBD URI. SIGINT or SIGTERM stops them all, client first.
+
+A page server that dies is left dead (that is what re-replication is for, and what the fault
+tests exercise); if placement or the client dies, everything is stopped and the exit is 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+import zmq
+from pydantic import ByteSize, Field, model_validator
+from remem_common.config import ServiceConfig, load_config
+from remem_common.logs import setup_logging
+from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.process import ServiceProcess, ServiceStartError, spawn_service
+from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES
+
+log = logging.getLogger("up")
+
+
+class UpConfig(ServiceConfig):
+    """Settings of `remem up`; REMEM_UP_* in the environment."""
+
+    state_dir: Path = Field(description="folder for logs, pid files and the NBD socket")
+    pageservers: int = Field(default=3, ge=1, le=32, description="page server processes")
+    replicas: int = Field(default=2, ge=1, le=8, description="copies of every page (k)")
+    size: ByteSize = Field(default=ByteSize(1 << 30), description="size of the NBD device")
+    pageserver_capacity: ByteSize | None = Field(
+        default=None,
+        description="RAM of each page server (default: enough for k copies of the device "
+        "with one server lost)",
+    )
+    nbd_socket: Path | None = Field(default=None, description="default STATE_DIR/nbd.sock")
+    nbd_listen: str | None = Field(default=None, description="also serve NBD on HOST:PORT")
+    tenant: str = Field(default="local", description="tenant name of the client")
+    shm_dir: Path = Field(default=Path("/dev/shm"), description="where arenas live")
+    forget: bool = Field(default=False, description="wipe the page servers' arenas first")
+    start_timeout: float = Field(default=180.0, gt=0, description="seconds for each start")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _fits(self) -> UpConfig:
+        if self.size % PAGE_SIZE:
+            raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
+        if self.replicas > self.pageservers:
+            raise ValueError("replicas cannot exceed pageservers")
+        return self
+
+    def capacity_each(self) -> int:
+        """Per page server: k copies of the device over n-1 servers (room to re-replicate
+        after one death), rounded up to whole slabs."""
+        if self.pageserver_capacity is not None:
+            return int(self.pageserver_capacity)
+        survivors = max(1, self.pageservers - 1)
+        need = -(-int(self.size) * self.replicas // survivors)
+        return -(-need // SLAB_BYTES) * SLAB_BYTES
+
+
+class Cluster:
+    """The child processes of one `remem up`, in start order."""
+
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.children: dict[str, ServiceProcess] = {}
+        self.pid_dir = config.state_dir / "pids"
+        self.log_dir = config.state_dir / "logs"
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        # One arena folder per state dir: two `remem up`s never share arenas.
+        digest = hashlib.sha1(str(config.state_dir.resolve()).encode()).hexdigest()[:10]
+        self.arena_dir = config.shm_dir / f"remem-up-{digest}"
+
+    def start(self, name: str, args: list[str]) -> ServiceProcess:
+        log.info("starting %s", name)
+        child = spawn_service(
+            name, args, timeout=self.config.start_timeout, log_path=self.log_dir / f"{name}.log"
+        )
+        self.children[name] = child
+        (self.pid_dir / f"{name}.pid").write_text(f"{child.pid}\n")
+        return child
+
+    def start_all(self) -> str:
+        """Start everything; returns the NBD URI."""
+        cfg = self.config
+        for folder in (cfg.state_dir, self.pid_dir, self.log_dir, self.arena_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        placement = self.start(
+            "placement",
+            [
+                "placement",
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--metrics-port",
+                "0",
+                "--log-level",
+                cfg.log_level,
+            ],
+        )
+        endpoint = placement.ready["endpoint"]
+        capacity = self.capacity_each()
+        for index in range(cfg.pageservers):
+            args = [
+                "pageserver",
+                "--capacity",
+                str(capacity),
+                "--listen",
+                "tcp://127.0.0.1:0",
+                "--metrics-port",
+                "0",
+                "--zone",
+                f"zone-{index}",
+                "--placement",
+                endpoint,
+                "--server-id",
+                f"pageserver-{index}",
+                "--shm-path",
+                str(self.arena_dir / f"pageserver-{index}.arena"),
+                "--log-level",
+                cfg.log_level,
+            ]
+            if cfg.forget:
+                args.append("--forget")
+            self.start(f"pageserver-{index}", args)
+        self.wait_registered(endpoint, cfg.pageservers)
+        socket_path = cfg.nbd_socket or cfg.state_dir / "nbd.sock"
+        client_args = [
+            "client",
+            "--backend",
+            "remote",
+            "--placement",
+            endpoint,
+            "--replicas",
+            str(cfg.replicas),
+            "--size",
+            str(int(cfg.size)),
+            "--tenant",
+            cfg.tenant,
+            "--nbd-socket",
+            str(socket_path),
+            "--metrics-port",
+            "0",
+            "--log-level",
+            cfg.log_level,
+        ]
+        if cfg.nbd_listen:
+            client_args += ["--nbd-listen", cfg.nbd_listen]
+        client = self.start("client", client_args)
+        return client.ready.get("nbd_uri", f"nbd+unix:///remem?socket={socket_path}")
+
+    def capacity_each(self) -> int:
+        return self.config.capacity_each()
+
+    def wait_registered(self, endpoint: str, count: int) -> None:
+        """Block until placement lists `count` live page servers."""
+        deadline = time.monotonic() + self.config.start_timeout
+        with PlacementClient(endpoint, context=self.context, timeout=1.0) as placement:
+            while time.monotonic() < deadline:
+                try:
+                    status = placement.status()
+                except (PlacementError, PlacementTimeout):
+                    continue
+                if sum(1 for s in status.servers if s.state == "live") >= count:
+                    return
+                time.sleep(0.05)  # polling placement's state, not waiting for a process
+        raise ServiceStartError(f"not all {count} page servers registered with placement")
+
+    def stop_all(self) -> None:
+        """Stop children, the client first so NBD users see a clean disconnect."""
+        for name in reversed(list(self.children)):
+            child = self.children[name]
+            try:
+                child.stop(timeout=20)
+            except ServiceStartError as exc:
+                log.error("%s", exc)
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        self.context.destroy(linger=0)
+
+    def first_dead(self) -> tuple[str, int] | None:
+        """A child that must not die and did: (name, exit status)."""
+        for name, child in self.children.items():
+            code = child.proc.poll()
+            if code is not None and not name.startswith("pageserver-"):
+                return name, code
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load_config(
+        UpConfig,
+        argv,
+        prog="remem up",
+        env_prefix="REMEM_UP_",
+        description="Run a whole remem cluster on this machine.",
+    )
+    setup_logging("up", config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster = Cluster(config)
+    try:
+        uri = cluster.start_all()
+    except ServiceStartError as exc:
+        log.error("could not start the cluster: %s", exc)
+        cluster.stop_all()
+        return 1
+    names = ",".join(cluster.children)
+    print(f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names}", flush=True)
+    dead = None
+    lost: set[str] = set()
+    while not stop.wait(0.2):
+        dead = cluster.first_dead()
+        if dead is not None:
+            log.error("%s exited with status %s; stopping the cluster", *dead)
+            break
+        for name, child in cluster.children.items():
+            if name not in lost and child.proc.poll() is not None:
+                lost.add(name)
+                log.warning(
+                    "%s exited with status %s; placement re-replicates its slabs",
+                    name,
+                    child.proc.returncode,
+                )
+    cluster.stop_all()
+    if config.forget:
+        shutil.rmtree(cluster.arena_dir, ignore_errors=True)
+    return 1 if dead is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
