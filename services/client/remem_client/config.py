@@ -13,10 +13,10 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
 from remem_common.config import ServiceConfig
-
-from remem_client.nbd import wire
 from remem_common.protocol.client_pageserver import Tenant, VolumeId
 from remem_common.protocol.pages import PAGE_SIZE
+
+from remem_client.nbd import wire
 
 PROG = "remem client"
 ENV_PREFIX = "REMEM_CLIENT_"
