@@ -12,7 +12,7 @@ DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfu
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
-        bench-pageserver bench-nbd up clean
+        bench-pageserver bench-nbd bench-cluster up clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-pageserver: install
 # remem's NBD front end (memory backend) against nbdkit memory, same run, fio's nbd engine.
 bench-nbd: deps install
 	$(PY) -m remem_client.bench_nbd
+
+# The whole system (remem up: 2 replicas over 3 page servers) against nbdkit memory.
+bench-cluster: deps install
+	$(PY) -m remem_client.bench_nbd --target cluster
 
 up: install
 	$(VENV)/bin/remem up --state-dir $(STATE_DIR)

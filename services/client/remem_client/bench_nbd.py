@@ -1,8 +1,11 @@
 """Benchmark the NBD front end against `nbdkit memory` with fio's nbd engine.
 
     python -m remem_client.bench_nbd [--runtime 3] [--rounds 3] [--event-loop auto]
+                                     [--target memory|cluster]
 
-Starts `nbdkit memory` and `remem client --backend memory` side by side on Unix sockets,
+Starts `nbdkit memory` and, with `--target memory`, `remem client --backend memory` (the NBD
+front end alone) or, with `--target cluster`, `remem up` (the whole system: placement, three
+page servers, two replicas of every page) side by side on Unix sockets,
 fills the tested region of both once (so reads copy real data and first-touch page faults
 are out of the way), then runs each fio workload against both, alternating which server
 goes first in each round to cancel drift on a noisy machine, and reports the mean of the
@@ -58,6 +61,13 @@ class Server:
     name: str
     uri: str
     proc: subprocess.Popen[str]
+    # Where `remem up` lists its children's pids: their CPU time is the cluster's.
+    pid_dir: Path | None = None
+
+    def cpu_seconds(self) -> float:
+        if self.pid_dir is None:
+            return cpu_seconds(self.proc.pid)
+        return sum(cpu_seconds(int(p.read_text())) for p in self.pid_dir.glob("*.pid"))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -93,24 +103,41 @@ def start_nbdkit(directory: Path, size: str) -> Server:
     return Server("nbdkit", f"nbd+unix:///?socket={path}", proc)
 
 
-def start_remem(directory: Path, size: str, extra: list[str]) -> Server:
+def start_remem(directory: Path, size: str, extra: list[str], target: str) -> Server:
     path = directory / "remem.sock"
-    args = [
-        sys.executable, "-m", "remem_client", "--backend", "memory", "--nbd-socket", str(path),
-        "--size", size, "--metrics-port", "0", *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
+    pid_dir = None
+    if target == "cluster":
+        state = directory / "cluster"
+        pid_dir = state / "pids"
+        args = [
+            sys.executable, "-m", "remem_cli", "up", "--state-dir", str(state), "--size", size,
+            "--nbd-socket", str(path), "--forget",
+        ]  # fmt: skip
+        stream = "stdout"
+    else:
+        args = [
+            sys.executable, "-m", "remem_client", "--backend", "memory", "--nbd-socket",
+            str(path), "--size", size, "--metrics-port", "0", *extra,
+        ]  # fmt: skip
+        stream = "stderr"
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
+        stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL,
+        text=True,
+    )
+    output = proc.stdout if stream == "stdout" else proc.stderr
+    assert output is not None
     uri = ""
-    for line in proc.stderr:
+    for line in output:
         if " ready " in f" {line.split(': ', 1)[-1]}":
             uri = line.split("nbd_uri=", 1)[1].split()[0]
             break
     if not uri:
-        raise RuntimeError(f"remem client exited with {proc.wait()}")
+        raise RuntimeError(f"remem exited with {proc.wait()}")
     # keep draining its log so it never blocks on a full pipe
-    threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
-    return Server("remem", uri, proc)
+    threading.Thread(target=_drain, args=(output,), daemon=True).start()
+    return Server("remem", uri, proc, pid_dir)
 
 
 def _drain(stream: IO[str]) -> None:
@@ -119,19 +146,19 @@ def _drain(stream: IO[str]) -> None:
 
 
 @contextmanager
-def servers(size: str, extra: list[str]) -> Iterator[tuple[Server, Server]]:
+def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, Server]]:
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
         started: list[Server] = []
         try:
             started.append(start_nbdkit(Path(tmp), size))
-            started.append(start_remem(Path(tmp), size, extra))
+            started.append(start_remem(Path(tmp), size, extra, target))
             yield started[0], started[1]
         finally:
             for server in started:
                 server.proc.send_signal(signal.SIGTERM)
             for server in started:
                 try:
-                    server.proc.wait(timeout=15)
+                    server.proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     server.proc.kill()
                     server.proc.wait()
@@ -160,9 +187,9 @@ def fio(uri: str, rw: str, bs: str, depth: int, region: str, runtime: float) -> 
 def measure(
     server: Server, workload: tuple[str, str, int], region: str, runtime: float
 ) -> dict[str, float]:
-    before = cpu_seconds(server.proc.pid)
+    before = server.cpu_seconds()
     figures = fio(server.uri, *workload, region, runtime)
-    figures["cpu"] = cpu_seconds(server.proc.pid) - before
+    figures["cpu"] = server.cpu_seconds() - before
     return figures
 
 
@@ -184,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1G", help="device size of both servers")
     parser.add_argument("--region", default="256M", help="part of the device fio touches")
     parser.add_argument("--event-loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    parser.add_argument(
+        "--target",
+        default="memory",
+        choices=["memory", "cluster"],
+        help="memory: the NBD front end alone; cluster: remem up, 2 replicas on 3 servers",
+    )
     args = parser.parse_args(argv)
     for tool in ("nbdkit", "fio"):
         if shutil.which(tool) is None:
@@ -192,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = ["--event-loop", args.event_loop, "--no-lock-memory"]
     results: list[dict[str, object]] = []
-    with servers(args.size, extra) as (nbdkit, remem):
+    with servers(args.size, extra, args.target) as (nbdkit, remem):
         for server in (nbdkit, remem):  # fill the region: real data, pages already present
             fio(server.uri, "write", "1m", 8, args.region, 0)
         for rw, bs, depth in WORKLOADS:
@@ -231,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "region": args.region,
         "event_loop": args.event_loop,
+        "target": args.target,
         "results": results,
     }
     print(json.dumps(summary, sort_keys=True))
