@@ -105,6 +105,8 @@ def start_nbdkit(directory: Path, size: str) -> Server:
 
 def start_remem(directory: Path, size: str, extra: list[str], target: str) -> Server:
     path = directory / "remem.sock"
+    if size[-1:] in ("K", "M", "G", "T"):
+        size += "iB"  # nbdkit's 1G is 2**30 bytes; remem reads 1G as 10**9
     pid_dir = None
     if target == "cluster":
         state = directory / "cluster"
