@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,7 +16,7 @@ from remem_common.pageserver_client import PageServerClient
 from remem_common.placement_client import PlacementClient
 from remem_common.protocol.admin_placement import GetStatusReply
 from remem_common.protocol.pages import PAGE_SIZE, make_keys
-from remem_common.testing import ServiceProcess, start_service
+from remem_common.testing import ServiceProcess, scrape_metrics, start_service
 
 T = TypeVar("T")
 
@@ -82,14 +81,7 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float = 15.0) 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
     """Samples of the service's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(service.ready["metrics"], timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return scrape_metrics(service.ready["metrics"])
 
 
 def status_of(placement: ServiceProcess) -> GetStatusReply:

@@ -10,14 +10,13 @@ import json
 import os
 import signal
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from remem_common.placement_client import PlacementClient
 from remem_common.process import ServiceProcess
-from remem_common.testing import start_service
+from remem_common.testing import scrape_metrics, start_service
 
 from .test_nbd_clients import fio, need, qemu_io, run
 
@@ -40,17 +39,6 @@ def ready_fields(log_file: Path) -> dict[str, str]:
         if " ready " in f" {line.split(':', 1)[-1]} ":
             return dict(part.split("=", 1) for part in line.split() if "=" in part)
     raise AssertionError(f"no ready line in {log_file}")
-
-
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +96,7 @@ def test_nbdcopy_256mib_round_trip_is_identical(cluster, tmp_path: Path) -> None
         status = admin.status()
     used = [s.used_bytes for s in status.servers if s.state == "live"]
     assert sum(used) >= 2 * 256 * MiB
-    client_metrics = scrape(ready_fields(state / "logs" / "client.log")["metrics"])
+    client_metrics = scrape_metrics(ready_fields(state / "logs" / "client.log")["metrics"])
     # Location metadata: far under the 64 KiB per GiB of device asked for.
     assert client_metrics["client_location_metadata_bytes"] <= 64 * 1024 * SIZE / (1 << 30)
 
@@ -213,7 +201,7 @@ def test_page_server_sigkill_during_fio_verify_loses_nothing(tmp_path: Path) -> 
                 pause.wait(0.05)
             assert not status.degraded, status
         fio(uri, *job, "--verify_only=1")
-        metrics = scrape(ready_fields(state / "logs" / "client.log")["metrics"])
+        metrics = scrape_metrics(ready_fields(state / "logs" / "client.log")["metrics"])
         assert metrics["client_replica_failures_total"] >= 1
     finally:
         assert up.stop(timeout=60) == 0, up.log()

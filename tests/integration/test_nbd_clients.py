@@ -13,13 +13,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from remem_client.nbd import wire
-from remem_common.testing import ServiceProcess, start_service
+from remem_common.testing import ServiceProcess, scrape_metrics, start_service
 
 from .nbd_raw import RawNbd
 
@@ -282,14 +281,7 @@ def test_nbdsh_protocol_edge_cases(uri: str) -> None:
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
-    with urllib.request.urlopen(service.ready["metrics"] + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return scrape_metrics(service.ready["metrics"] + "/metrics")
 
 
 def test_metrics_endpoint(service: ServiceProcess) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from remem_common.pageserver_client import PageServerClient, PageServerError
 from remem_common.protocol.client_pageserver import GetPagesRequest, PutPagesRequest
 from remem_common.protocol.envelope import ErrorCode
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
-from remem_common.testing import ServiceProcess
+from remem_common.testing import ServiceProcess, scrape_metrics
 
 from ..conftest import StartPageServer
 
@@ -29,14 +28,7 @@ def pages_of(count: int, seed: int) -> np.ndarray:
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
     """Samples of the service's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(service.ready["metrics"], timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return scrape_metrics(service.ready["metrics"])
 
 
 def client_of(service: ServiceProcess, timeout: float = 10.0) -> PageServerClient:

@@ -6,11 +6,12 @@ AssertionError, so a service that does not come up fails the test with its outpu
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 from remem_common.process import ServiceProcess, ServiceStartError, spawn_service
 
-__all__ = ["ServiceProcess", "start_service"]
+__all__ = ["ServiceProcess", "scrape_metrics", "start_service"]
 
 
 def start_service(
@@ -26,3 +27,15 @@ def start_service(
         return spawn_service(name, args, env=env, timeout=timeout, cwd=cwd)
     except ServiceStartError as exc:
         raise AssertionError(str(exc)) from None
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples as {'name{labels}': value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
