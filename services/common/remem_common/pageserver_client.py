@@ -6,7 +6,6 @@ The NBD client's hot path uses its own asyncio sender; this one keeps each call 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from typing import Annotated, Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, Field, TypeAdapter
 
+from remem_common.dealer import BlockingDealer
 from remem_common.framing import decode, encode
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
@@ -67,7 +67,7 @@ class PageServerTimeout(Exception):
     """No reply within the timeout."""
 
 
-class PageServerClient:
+class PageServerClient(BlockingDealer):
     """Blocking requests to one page server over a DEALER socket."""
 
     def __init__(
@@ -77,28 +77,7 @@ class PageServerClient:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self._own_context = context is None
-        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
-        self.socket: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-        if self._own_context:
-            self.context.term()
-
-    def __enter__(self) -> PageServerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def next_id(self) -> int:
-        return next(self._ids)
+        super().__init__(endpoint, context=context, timeout=timeout)
 
     def send(self, msg: BaseModel, *payload: Any) -> None:
         self.socket.send_multipart(encode(msg, *payload), copy=False)

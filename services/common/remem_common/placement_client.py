@@ -7,12 +7,12 @@ can reuse the protocol models in `protocol.client_placement` directly.
 
 from __future__ import annotations
 
-import itertools
 from typing import Annotated, Any, TypeVar
 
 import zmq
 from pydantic import BaseModel, Field, TypeAdapter
 
+from remem_common.dealer import BlockingDealer
 from remem_common.framing import decode, encode
 from remem_common.protocol.admin_placement import (
     DrainServerReply,
@@ -56,7 +56,7 @@ class PlacementTimeout(Exception):
     """No reply within the timeout."""
 
 
-class PlacementClient:
+class PlacementClient(BlockingDealer):
     """Blocking requests to placement over one DEALER socket."""
 
     def __init__(
@@ -66,25 +66,7 @@ class PlacementClient:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 5.0,
     ) -> None:
-        self._own_context = context is None
-        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
-        self.socket: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
-        if self._own_context:
-            self.context.term()
-
-    def __enter__(self) -> PlacementClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(endpoint, context=context, timeout=timeout)
 
     def call(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
         """Send `msg`, return its reply of type `expect` (stale replies are skipped)."""
@@ -113,7 +95,7 @@ class PlacementClient:
     ) -> AllocateSlabReply:
         return self.call(
             AllocateSlabRequest(
-                msg_id=next(self._ids),
+                msg_id=self.next_id(),
                 tenant=tenant,
                 volume=volume,
                 slab=slab,
@@ -126,7 +108,7 @@ class PlacementClient:
     def get_map(self, tenant: str, volume: int, since_epoch: int = 0) -> GetMapReply:
         return self.call(
             GetMapRequest(
-                msg_id=next(self._ids), tenant=tenant, volume=volume, since_epoch=since_epoch
+                msg_id=self.next_id(), tenant=tenant, volume=volume, since_epoch=since_epoch
             ),
             GetMapReply,
         )
@@ -136,7 +118,7 @@ class PlacementClient:
     ) -> ReportFailureReply:
         return self.call(
             ReportFailureRequest(
-                msg_id=next(self._ids),
+                msg_id=self.next_id(),
                 tenant=tenant,
                 volume=volume,
                 slab=slab,
@@ -147,10 +129,10 @@ class PlacementClient:
         )
 
     def status(self) -> GetStatusReply:
-        return self.call(GetStatusRequest(msg_id=next(self._ids)), GetStatusReply)
+        return self.call(GetStatusRequest(msg_id=self.next_id()), GetStatusReply)
 
     def drain(self, server_id: str, *, cancel: bool = False) -> DrainServerReply:
         return self.call(
-            DrainServerRequest(msg_id=next(self._ids), server_id=server_id, cancel=cancel),
+            DrainServerRequest(msg_id=self.next_id(), server_id=server_id, cancel=cancel),
             DrainServerReply,
         )
