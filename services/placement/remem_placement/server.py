@@ -163,6 +163,7 @@ class PlacementServer:
         self.pending: dict[int, Pending] = {}
         self._msg_id = 0
         self._stopping = False
+        self._closed = False
         self._next_plan = 0.0
         self._handlers: dict[str, Callable[[Any], BaseModel]] = {
             "register_server_request": self._register,
@@ -195,8 +196,12 @@ class PlacementServer:
         self.close()
 
     def close(self) -> None:
-        for link in list(self.links.values()):
-            self._close_link(link.server_id)
+        # Closing a link fails its pending pushes, and a failed push orders drops: with
+        # _closed set no order opens a new link, so every socket is closed before the
+        # context terminates (an unclosed one makes context.term() block forever).
+        self._closed = True
+        while self.links:
+            self._close_link(next(iter(self.links)))
         if self.publisher is not None:
             self.publisher.close(linger=0)
         self.router.close(linger=0)
@@ -518,7 +523,7 @@ class PlacementServer:
 
     def _link(self, server_id: str) -> Link | None:
         link = self.links.get(server_id)
-        if link is not None:
+        if link is not None or self._closed:
             return link
         server = self.cluster.servers.get(server_id)
         if server is None or server.liveness == "dead":
