@@ -1,0 +1,1 @@
+"""remem mirror: a local write-behind copy of every page-out, for when the network is gone."""

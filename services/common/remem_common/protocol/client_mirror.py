@@ -1,0 +1,177 @@
+"""Client -> mirror: the local write-behind copy of every page-out (protocol version 1).
+
+The mirror (`remem mirror`) runs on the client host beside `remem client` and keeps a copy
+of every page the client sends to the network in a local file or block device, at the
+page's device offset (Anemone's local replication). It serves page-ins when no replica can
+be reached and remembers which pages were written while the network was down, so that they
+can be resynced to the page servers afterwards (also after a client restart).
+
+Sockets
+-------
+The mirror binds one ROUTER (`--listen`, loopback or ipc:// by default). The client
+connects one DEALER and keeps many requests in flight. The mirror executes the requests of
+one connection strictly in arrival order (one FIFO, one writer): a read sees every write
+sent before it, and a later write of a page always wins over an earlier one. Replies come
+back in that same order and are matched by `parent_id`.
+
+A client sends `[b"", header, payload...]`; the ROUTER adds the routing id.
+
+Messages and their payload frames
+---------------------------------
+| request                     | payload frames          | reply                              |
+|-----------------------------|-------------------------|------------------------------------|
+| describe_mirror_request     | -                       | describe_mirror_reply              |
+| write_pages_request         | data (count x 4096)     | write_pages_reply                  |
+| read_pages_request          | -                       | read_pages_reply + data            |
+| trim_pages_request          | -                       | trim_pages_reply                   |
+| mark_replicated_request     | -                       | mark_replicated_reply              |
+| list_unreplicated_request   | -                       | list_unreplicated_reply + bitmap   |
+
+Pages are addressed by device page number: a request covers the run of `count` pages
+starting at `first_page` (1..MAX_MIRROR_PAGES pages, inside the mirror's `page_count`).
+
+- `write_pages_request`: the reply is sent only once the pages are written to the device
+  (O_DIRECT, no page cache); with `sync` also after an fdatasync. `replicated=false` marks
+  the pages as held by the mirror only (written while no replica could be reached): they
+  are remembered, durably, until a `mark_replicated_request` covers them.
+- `read_pages_request`: the reply's one payload frame is `count x 4096` bytes (zeros where
+  nothing was ever written).
+- `trim_pages_request`: the pages read back as zeros afterwards and are no longer
+  unreplicated.
+- `mark_replicated_request`: the client resynced the pages to their replicas; they are no
+  longer unreplicated. Pages written after the resync read them are unaffected, since the
+  mirror runs requests in order and the client sends this only after the resync's writes.
+- `list_unreplicated_request`: the reply's payload frame is a bitmap of `page_count` bits
+  (little-endian bit order, `ceil(page_count / 8)` bytes): bit i set if page i is held by
+  the mirror only. A restarted client resyncs these.
+- `describe_mirror_request`: the device size and state, so the client can refuse a mirror
+  of the wrong size.
+
+Errors: `error_reply` with `malformed` (bad frames, counts, a range past the end, a data
+frame whose length is not `count x 4096`), `unknown_type`, `unsupported_version`,
+`unavailable` (the device failed an I/O: the detail has the errno), `shutting_down`.
+A malformed message is answered and counted in `mirror_malformed_messages_total{reason}`;
+it never stops the mirror or disturbs other requests.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from remem_common.protocol.envelope import ErrorReply, Reply, Request
+
+# Pages one request may carry: 1 MiB, the largest NBD request the client accepts in one piece
+# (larger requests are split by the client).
+MAX_MIRROR_PAGES = 256
+
+PageNumber = Annotated[int, Field(ge=0, lt=2**40)]
+MirrorPageCount = Annotated[int, Field(ge=1, le=MAX_MIRROR_PAGES)]
+
+
+class DescribeMirrorRequest(Request):
+    type: Literal["describe_mirror_request"] = "describe_mirror_request"
+
+
+class DescribeMirrorReply(Reply):
+    type: Literal["describe_mirror_reply"] = "describe_mirror_reply"
+    page_count: int = Field(ge=0)
+    path: str
+    direct_io: bool
+    unreplicated_pages: int = Field(ge=0)
+
+
+class WritePagesRequest(Request):
+    """Write `count` pages from `first_page`. Payload: data (count x 4096 bytes)."""
+
+    type: Literal["write_pages_request"] = "write_pages_request"
+    first_page: PageNumber
+    count: MirrorPageCount
+    replicated: bool = True
+    sync: bool = False
+
+
+class WritePagesReply(Reply):
+    type: Literal["write_pages_reply"] = "write_pages_reply"
+    written: int = Field(ge=0)
+
+
+class ReadPagesRequest(Request):
+    type: Literal["read_pages_request"] = "read_pages_request"
+    first_page: PageNumber
+    count: MirrorPageCount
+
+
+class ReadPagesReply(Reply):
+    """Payload: data (count x 4096 bytes)."""
+
+    type: Literal["read_pages_reply"] = "read_pages_reply"
+    count: int = Field(ge=0)
+
+
+class TrimPagesRequest(Request):
+    type: Literal["trim_pages_request"] = "trim_pages_request"
+    first_page: PageNumber
+    count: Annotated[int, Field(ge=1, lt=2**40)]
+
+
+class TrimPagesReply(Reply):
+    type: Literal["trim_pages_reply"] = "trim_pages_reply"
+
+
+class MarkReplicatedRequest(Request):
+    type: Literal["mark_replicated_request"] = "mark_replicated_request"
+    first_page: PageNumber
+    count: Annotated[int, Field(ge=1, lt=2**40)]
+
+
+class MarkReplicatedReply(Reply):
+    type: Literal["mark_replicated_reply"] = "mark_replicated_reply"
+    unreplicated_pages: int = Field(ge=0)
+
+
+class ListUnreplicatedRequest(Request):
+    type: Literal["list_unreplicated_request"] = "list_unreplicated_request"
+
+
+class ListUnreplicatedReply(Reply):
+    """Payload: bitmap (ceil(page_count / 8) bytes, little-endian bit order)."""
+
+    type: Literal["list_unreplicated_reply"] = "list_unreplicated_reply"
+    page_count: int = Field(ge=0)
+    unreplicated_pages: int = Field(ge=0)
+
+
+MirrorRequest = Annotated[
+    DescribeMirrorRequest
+    | WritePagesRequest
+    | ReadPagesRequest
+    | TrimPagesRequest
+    | MarkReplicatedRequest
+    | ListUnreplicatedRequest,
+    Field(discriminator="type"),
+]
+MIRROR_REQUEST_ADAPTER: TypeAdapter[MirrorRequest] = TypeAdapter(MirrorRequest)
+
+MirrorReply = Annotated[
+    DescribeMirrorReply
+    | WritePagesReply
+    | ReadPagesReply
+    | TrimPagesReply
+    | MarkReplicatedReply
+    | ListUnreplicatedReply
+    | ErrorReply,
+    Field(discriminator="type"),
+]
+MIRROR_REPLY_ADAPTER: TypeAdapter[MirrorReply] = TypeAdapter(MirrorReply)
+
+# Payload frames each request type carries (decode checks the count).
+PAYLOAD_FRAMES: dict[str, int] = {
+    "describe_mirror_request": 0,
+    "write_pages_request": 1,
+    "read_pages_request": 0,
+    "trim_pages_request": 0,
+    "mark_replicated_request": 0,
+    "list_unreplicated_request": 0,
+}

@@ -1,0 +1,259 @@
+"""The mirror's writer and queue without sockets: order, coalescing, sync, errors, validation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import remem_common.protocol.client_mirror as client_mirror
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
+from remem_common.framing import decode, encode
+from remem_common.protocol.client_mirror import (
+    MIRROR_REPLY_ADAPTER,
+    MIRROR_REQUEST_ADAPTER,
+    DescribeMirrorReply,
+    DescribeMirrorRequest,
+    ListUnreplicatedReply,
+    ListUnreplicatedRequest,
+    MarkReplicatedReply,
+    MarkReplicatedRequest,
+    ReadPagesReply,
+    ReadPagesRequest,
+    TrimPagesReply,
+    TrimPagesRequest,
+    WritePagesReply,
+    WritePagesRequest,
+)
+from remem_common.protocol.envelope import PROTOCOL_VERSION, ErrorCode, ErrorReply, ProtocolError
+from remem_common.protocol.pages import PAGE_SIZE
+from remem_mirror.metrics import MirrorMetrics
+from remem_mirror.server import MirrorWriter, Op, OpQueue, validate
+from remem_mirror.store import MAX_RUN_PAGES, MirrorStore
+
+PAGES = 1024
+ROUTING = [b"peer"]
+
+REQUESTS = [
+    DescribeMirrorRequest(msg_id=1),
+    WritePagesRequest(msg_id=2, first_page=3, count=256, replicated=False, sync=True),
+    ReadPagesRequest(msg_id=3, first_page=0, count=1),
+    TrimPagesRequest(msg_id=4, first_page=5, count=1 << 30),
+    MarkReplicatedRequest(msg_id=5, first_page=5, count=7),
+    ListUnreplicatedRequest(msg_id=6),
+]
+REPLIES = [
+    DescribeMirrorReply(
+        msg_id=0, parent_id=1, page_count=9, path="/x", direct_io=True, unreplicated_pages=2
+    ),
+    WritePagesReply(msg_id=0, parent_id=2, written=256),
+    ReadPagesReply(msg_id=0, parent_id=3, count=1),
+    TrimPagesReply(msg_id=0, parent_id=4),
+    MarkReplicatedReply(msg_id=0, parent_id=5, unreplicated_pages=0),
+    ListUnreplicatedReply(msg_id=0, parent_id=6, page_count=9, unreplicated_pages=1),
+    ErrorReply(msg_id=0, parent_id=7, error_code=ErrorCode.UNAVAILABLE, detail="errno=5"),
+]
+
+
+def pages_of(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, PAGE_SIZE), dtype=np.uint8)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def writer(tmp_path: Path, registry: CollectorRegistry) -> Iterator[MirrorWriter]:
+    store = MirrorStore(tmp_path / "m.img", PAGES, tmp_path / "m.meta")
+    yield MirrorWriter(store, MirrorMetrics(registry))
+    store.close()
+
+
+def write_op(first: int, data: np.ndarray, **flags: bool) -> Op:
+    count = data.shape[0]
+    msg = WritePagesRequest(msg_id=first + 1, first_page=first, count=count, **flags)
+    return Op(routing=ROUTING, request=msg, data=data, pages=count)
+
+
+def op(msg: BaseModel) -> Op:
+    return Op(routing=ROUTING, request=msg)  # type: ignore[arg-type]
+
+
+def replies_of(frames: list[list[bytes]]) -> list[tuple[BaseModel, list[bytes]]]:
+    out = []
+    for reply in frames:
+        assert reply[:2] == [b"peer", b""]
+        out.append(decode(reply[1:], MIRROR_REPLY_ADAPTER))
+    return out
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    sample = registry.get_sample_value(name, labels)
+    return 0.0 if sample is None else sample
+
+
+@pytest.mark.parametrize("msg", REQUESTS, ids=lambda m: m.type)
+def test_every_request_round_trips(msg: BaseModel) -> None:
+    assert decode(encode(msg), MIRROR_REQUEST_ADAPTER)[0] == msg
+
+
+@pytest.mark.parametrize("msg", REPLIES, ids=lambda m: m.type)
+def test_every_reply_round_trips(msg: BaseModel) -> None:
+    assert decode(encode(msg), MIRROR_REPLY_ADAPTER)[0] == msg
+
+
+def test_documented_version_matches_code() -> None:
+    doc = client_mirror.__doc__ or ""
+    documented = re.search(r"protocol version (\d+)", doc)
+    assert documented is not None and int(documented.group(1)) == PROTOCOL_VERSION
+    assert set(client_mirror.PAYLOAD_FRAMES) == {m.type for m in REQUESTS}
+
+
+def test_adjacent_queued_writes_share_one_syscall(
+    writer: MirrorWriter, registry: CollectorRegistry
+) -> None:
+    data = pages_of(300, 1)
+    ops = [write_op(10 + i, data[i : i + 1]) for i in range(100)]
+    ops += [write_op(110, data[100:300])]
+    replies = replies_of(writer.execute(ops))
+    assert [r.parent_id for r, _ in replies] == [o.request.msg_id for o in ops]  # type: ignore[union-attr]
+    assert all(isinstance(r, WritePagesReply) for r, _ in replies)
+    assert value(registry, "mirror_write_requests_total") == 101
+    assert value(registry, "mirror_coalesced_writes_total") == 1
+    assert value(registry, "mirror_written_bytes_total") == 300 * PAGE_SIZE
+    assert value(registry, "mirror_write_duration_seconds_count") == 1
+    assert writer.store.read(10, 256) == data[:256].tobytes()
+
+
+def test_a_read_between_writes_sees_the_earlier_ones_and_cuts_the_run(
+    writer: MirrorWriter, registry: CollectorRegistry
+) -> None:
+    old, new = pages_of(4, 2), pages_of(4, 3)
+    ops = [
+        write_op(0, old),
+        op(ReadPagesRequest(msg_id=50, first_page=0, count=4)),
+        write_op(4, new[:2]),
+        write_op(2, new[2:]),  # overlaps nothing written in this run, but is not adjacent
+        op(ReadPagesRequest(msg_id=51, first_page=0, count=6)),
+    ]
+    replies = replies_of(writer.execute(ops))
+    assert bytes(replies[1][1][0]) == old.tobytes()
+    expect = np.concatenate([old[:2], new[2:], new[:2]])
+    assert bytes(replies[4][1][0]) == expect.tobytes()
+    assert value(registry, "mirror_coalesced_writes_total") == 3
+    assert value(registry, "mirror_read_bytes_total") == 10 * PAGE_SIZE
+    assert value(registry, "mirror_requests_total", op="read", result="ok") == 2
+
+
+def test_later_write_of_a_page_wins_within_a_batch(writer: MirrorWriter) -> None:
+    versions = pages_of(5, 4)
+    ops = [write_op(7, versions[i : i + 1]) for i in range(5)]
+    writer.execute(ops)
+    assert writer.store.read(7, 1) == versions[4].tobytes()
+
+
+def test_sync_writes_fsync_once_per_group_and_unreplicated_bits_are_set(
+    writer: MirrorWriter, registry: CollectorRegistry
+) -> None:
+    data = pages_of(3, 5)
+    ops = [
+        write_op(0, data[:1], sync=True),
+        write_op(1, data[1:2], replicated=False),
+        write_op(2, data[2:], replicated=False, sync=True),
+    ]
+    writer.execute(ops)
+    assert value(registry, "mirror_fsync_duration_seconds_count") == 1
+    assert writer.store.unreplicated()[:4].tolist() == [False, True, True, False]
+    replies = replies_of(
+        writer.execute(
+            [
+                op(MarkReplicatedRequest(msg_id=9, first_page=2, count=1)),
+                op(ListUnreplicatedRequest(msg_id=10)),
+                op(TrimPagesRequest(msg_id=11, first_page=0, count=PAGES)),
+                op(DescribeMirrorRequest(msg_id=12)),
+            ]
+        )
+    )
+    mark, listed, _, described = replies
+    assert isinstance(mark[0], MarkReplicatedReply) and mark[0].unreplicated_pages == 1
+    assert isinstance(listed[0], ListUnreplicatedReply) and listed[0].unreplicated_pages == 1
+    assert bytes(listed[1][0])[0] == 0b10
+    assert isinstance(described[0], DescribeMirrorReply)
+    assert described[0].unreplicated_pages == 0 and described[0].page_count == PAGES
+
+
+def test_an_io_error_answers_unavailable_with_the_errno(
+    writer: MirrorWriter, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(first: int, chunks: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer.store, "write_run", broken)
+    ops = [write_op(0, pages_of(1, 6)), op(ReadPagesRequest(msg_id=77, first_page=0, count=1))]
+    (failed, _), (read, _) = replies_of(writer.execute(ops))
+    assert isinstance(failed, ErrorReply) and failed.error_code == ErrorCode.UNAVAILABLE
+    assert "errno=5 EIO" in failed.detail
+    assert isinstance(read, ReadPagesReply)
+    assert value(registry, "mirror_requests_total", op="write", result="error") == 1
+
+
+def test_queue_groups_writes_up_to_the_run_limit_and_bounds_pages() -> None:
+    queue = OpQueue(limit_pages=2 * MAX_RUN_PAGES)
+    data = pages_of(1, 7)
+    for first in range(0, MAX_RUN_PAGES + 10, 1):
+        queue.put(write_op(first, data))
+    queue.put(op(DescribeMirrorRequest(msg_id=1)))
+    queue.put(write_op(5, data))
+    assert queue.pending_pages == MAX_RUN_PAGES + 11 and not queue.full()
+    assert queue.lag() >= 0
+    first = queue.take()
+    assert len(first) == MAX_RUN_PAGES
+    queue.done(first)
+    second = queue.take()
+    assert len(second) == 10
+    queue.done(second)
+    third = queue.take()
+    assert len(third) == 1 and third[0].pages == 0
+    queue.done(third)
+    assert len(queue.abort()) == 1  # the write behind the describe was never started
+    assert queue.pending_pages == 0 and queue.length == 0 and queue.lag() == 0.0
+    queue.close()
+    assert queue.take() == []
+    for first in range(2 * MAX_RUN_PAGES):
+        queue.put(write_op(first, data))
+    assert queue.full()
+
+
+@pytest.mark.parametrize(
+    ("msg", "payload", "reason"),
+    [
+        (WritePagesRequest(msg_id=1, first_page=0, count=2), [], "bad_frames"),
+        (WritePagesRequest(msg_id=1, first_page=0, count=2), [b"x" * 4096], "bad_payload"),
+        (WritePagesRequest(msg_id=1, first_page=0, count=1), [b"x" * 4097], "bad_payload"),
+        (WritePagesRequest(msg_id=1, first_page=PAGES, count=1), [b"x" * 4096], "bad_fields"),
+        (ReadPagesRequest(msg_id=1, first_page=PAGES - 1, count=2), [], "bad_fields"),
+        (TrimPagesRequest(msg_id=1, first_page=0, count=PAGES + 1), [], "bad_fields"),
+        (MarkReplicatedRequest(msg_id=1, first_page=5, count=PAGES), [], "bad_fields"),
+        (ListUnreplicatedRequest(msg_id=1), [b""], "bad_frames"),
+    ],
+)
+def test_validation_refuses_what_pydantic_cannot_see(
+    msg: BaseModel, payload: list[bytes], reason: str
+) -> None:
+    with pytest.raises(ProtocolError) as refused:
+        validate(msg, payload, PAGES)  # type: ignore[arg-type]
+    assert refused.value.code == ErrorCode.MALFORMED
+    assert refused.value.reason == reason
+    assert refused.value.msg_id == 1
+
+
+def test_validation_passes_the_data_frame() -> None:
+    frame = b"\0" * (2 * PAGE_SIZE)
+    msg = WritePagesRequest(msg_id=1, first_page=PAGES - 2, count=2)
+    assert validate(msg, [frame], PAGES) is frame
+    assert validate(TrimPagesRequest(msg_id=1, first_page=0, count=PAGES), [], PAGES) is None
