@@ -12,7 +12,7 @@ DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfu
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
-        bench-pageserver bench-nbd bench-cluster up clean
+        bench-pageserver bench-nbd bench-cluster bench-mirror up clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-nbd: deps install
 # The whole system (remem up: 2 replicas over 3 page servers) against nbdkit memory.
 bench-cluster: deps install
 	$(PY) -m remem_client.bench_nbd --target cluster
+
+# What the local mirror costs on the write path: remem up with and without it, same run.
+bench-mirror: deps install
+	$(PY) -m remem_client.bench_nbd --target mirror --size 512M
 
 up: install
 	$(VENV)/bin/remem up --state-dir $(STATE_DIR)

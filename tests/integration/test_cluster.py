@@ -58,6 +58,7 @@ def test_up_starts_every_process_and_writes_pid_files(cluster) -> None:
         "pageserver-0.pid",
         "pageserver-1.pid",
         "pageserver-2.pid",
+        "mirror.pid",
         "client.pid",
     }
     for pid_file in (state / "pids").iterdir():

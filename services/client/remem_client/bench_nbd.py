@@ -1,7 +1,7 @@
 """Benchmark the NBD front end against `nbdkit memory` with fio's nbd engine.
 
     python -m remem_client.bench_nbd [--runtime 3] [--rounds 3] [--event-loop auto]
-                                     [--target memory|cluster]
+                                     [--target memory|cluster|mirror]
 
 Starts `nbdkit memory` and, with `--target memory`, `remem client --backend memory` (the NBD
 front end alone) or, with `--target cluster`, `remem up` (the whole system: placement, three
@@ -14,6 +14,10 @@ The last line is one JSON object with every figure.
 
 Workloads: 4 KiB random read and write at queue depth 1 and 32, 1 MiB sequential read and
 write at queue depth 8 (time-based, `--runtime` seconds each).
+
+`--target mirror` measures what the local mirror costs: the baseline is then `remem up
+--no-mirror` instead of nbdkit, against `remem up` with its mirror, on the write workloads
+(a read never touches the mirror while the replicas answer).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+WRITE_WORKLOADS: tuple[tuple[str, str, int], ...] = (
+    ("randwrite", "4k", 1),
+    ("randwrite", "4k", 32),
+    ("write", "1m", 8),
+)
 WORKLOADS: tuple[tuple[str, str, int], ...] = (
     ("randread", "4k", 1),
     ("randwrite", "4k", 1),
@@ -103,18 +112,22 @@ def start_nbdkit(directory: Path, size: str) -> Server:
     return Server("nbdkit", f"nbd+unix:///?socket={path}", proc)
 
 
-def start_remem(directory: Path, size: str, extra: list[str], target: str) -> Server:
-    path = directory / "remem.sock"
+def start_remem(
+    directory: Path, size: str, extra: list[str], target: str, name: str = "remem"
+) -> Server:
+    path = directory / f"{name}.sock"
     if size[-1:] in ("K", "M", "G", "T"):
         size += "iB"  # nbdkit's 1G is 2**30 bytes; remem reads 1G as 10**9
     pid_dir = None
-    if target == "cluster":
-        state = directory / "cluster"
+    if target in ("cluster", "cluster-no-mirror"):
+        state = directory / name
         pid_dir = state / "pids"
         args = [
             sys.executable, "-m", "remem_cli", "up", "--state-dir", str(state), "--size", size,
             "--nbd-socket", str(path), "--forget",
         ]  # fmt: skip
+        if target == "cluster-no-mirror":
+            args.append("--no-mirror")
         stream = "stdout"
     else:
         args = [
@@ -139,7 +152,7 @@ def start_remem(directory: Path, size: str, extra: list[str], target: str) -> Se
         raise RuntimeError(f"remem exited with {proc.wait()}")
     # keep draining its log so it never blocks on a full pipe
     threading.Thread(target=_drain, args=(output,), daemon=True).start()
-    return Server("remem", uri, proc, pid_dir)
+    return Server(name, uri, proc, pid_dir)
 
 
 def _drain(stream: IO[str]) -> None:
@@ -152,8 +165,14 @@ def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, 
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
         started: list[Server] = []
         try:
-            started.append(start_nbdkit(Path(tmp), size))
-            started.append(start_remem(Path(tmp), size, extra, target))
+            if target == "mirror":
+                started.append(
+                    start_remem(Path(tmp), size, extra, "cluster-no-mirror", "no-mirror")
+                )
+                started.append(start_remem(Path(tmp), size, extra, "cluster"))
+            else:
+                started.append(start_nbdkit(Path(tmp), size))
+                started.append(start_remem(Path(tmp), size, extra, target))
             yield started[0], started[1]
         finally:
             for server in started:
@@ -216,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target",
         default="memory",
-        choices=["memory", "cluster"],
-        help="memory: the NBD front end alone; cluster: remem up, 2 replicas on 3 servers",
+        choices=["memory", "cluster", "mirror"],
+        help="memory: the NBD front end alone; cluster: remem up, 2 replicas on 3 servers; "
+        "mirror: remem up with its mirror against remem up --no-mirror (writes only)",
     )
     args = parser.parse_args(argv)
     for tool in ("nbdkit", "fio"):
@@ -227,41 +247,45 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = ["--event-loop", args.event_loop, "--no-lock-memory"]
     results: list[dict[str, object]] = []
-    with servers(args.size, extra, args.target) as (nbdkit, remem):
-        for server in (nbdkit, remem):  # fill the region: real data, pages already present
+    workloads = WRITE_WORKLOADS if args.target == "mirror" else WORKLOADS
+    with servers(args.size, extra, args.target) as (baseline, remem):
+        for server in (baseline, remem):  # fill the region: real data, pages already present
             fio(server.uri, "write", "1m", 8, args.region, 0)
-        for rw, bs, depth in WORKLOADS:
-            samples: dict[str, list[dict[str, float]]] = {"nbdkit": [], "remem": []}
+        for rw, bs, depth in workloads:
+            samples: dict[str, list[dict[str, float]]] = {baseline.name: [], "remem": []}
             for round_number in range(args.rounds):
-                order = (nbdkit, remem) if round_number % 2 == 0 else (remem, nbdkit)
+                order = (baseline, remem) if round_number % 2 == 0 else (remem, baseline)
                 for server in order:
                     figures = measure(server, (rw, bs, depth), args.region, args.runtime)
                     samples[server.name].append(figures)
-            base, ours = mean_result(samples["nbdkit"]), mean_result(samples["remem"])
+            base, ours = mean_result(samples[baseline.name]), mean_result(samples["remem"])
             results.append(
                 {
                     "workload": f"{rw} {bs} qd{depth}",
-                    "nbdkit": asdict(base),
+                    "baseline": asdict(base),
                     "remem": asdict(ours),
                     "ratio": ours.iops / base.iops if base.iops else 0.0,
                 }
             )
 
+    name = baseline.name
     header = (
-        f"{'workload':<18}{'nbdkit IOPS':>12}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}"
-        f"{'remem IOPS':>12}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}{'remem/nbdkit':>14}"
+        f"{'workload':<18}{name + ' IOPS':>16}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}"
+        f"{'remem IOPS':>12}{'MB/s':>8}{'lat us':>8}{'cpu us/op':>10}{'remem/' + name:>18}"
     )
     print(header)
     for row in results:
-        base_row, our_row = row["nbdkit"], row["remem"]
+        base_row, our_row = row["baseline"], row["remem"]
         assert isinstance(base_row, dict) and isinstance(our_row, dict)
         cells = "".join(
-            f"{r['iops']:>12.0f}{r['mbps']:>8.0f}{r['clat_us']:>8.1f}{r['cpu_us_per_op']:>10.1f}"
-            for r in (base_row, our_row)
+            f"{r['iops']:>{width}.0f}{r['mbps']:>8.0f}{r['clat_us']:>8.1f}"
+            f"{r['cpu_us_per_op']:>10.1f}"
+            for r, width in ((base_row, 16), (our_row, 12))
         )
-        print(f"{row['workload']:<18}{cells}{row['ratio']:>14.2f}")
+        print(f"{row['workload']:<18}{cells}{row['ratio']:>18.2f}")
     summary = {
         "bench": "nbd",
+        "baseline": name,
         "runtime_s": args.runtime,
         "rounds": args.rounds,
         "region": args.region,

@@ -66,6 +66,22 @@ class ClientConfig(ServiceConfig):
     map_poll_interval: float = Field(
         1.0, gt=0, description="seconds between slab-map polls (also polled after a failure)"
     )
+    mirror: str | None = Field(
+        None,
+        description="ZeroMQ endpoint of `remem mirror`, the local write-behind copy that "
+        "serves page-ins when no page server is reachable (remote backend only)",
+    )
+    mirror_cache: ByteSize = Field(
+        ByteSize(64 << 20),
+        description="bound on pages written but not yet confirmed on the mirror's disk; "
+        "past it, writes wait (back-pressure)",
+    )
+    mirror_timeout: float = Field(
+        10.0, gt=0, description="seconds before a silent mirror is considered lost"
+    )
+    resync_interval: float = Field(
+        0.5, gt=0, description="seconds between attempts to resync mirror-only pages"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint")
     metrics_port: int = Field(
         9102, ge=0, le=65535, description="Prometheus endpoint port (0 picks a free port)"
@@ -118,6 +134,8 @@ class ClientConfig(ServiceConfig):
                 raise ValueError("--backend remote needs --placement ENDPOINT")
             if self.size % PAGE_SIZE:
                 raise ValueError(f"--size must be a multiple of {PAGE_SIZE} for remote")
+        elif self.mirror:
+            raise ValueError("--mirror needs --backend remote")
         return self
 
     @property

@@ -6,6 +6,7 @@ returns a `Backend` whose `close()` also closes the placement link and the ZeroM
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,8 +14,12 @@ import zmq
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
 from remem_client.remote_backend import RemoteBackend
+from remem_client.server import StartupError
+
+log = logging.getLogger("client.remote")
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -53,6 +58,46 @@ class _RemoteCollector(Collector):
             "Client memory holding page locations (written-page bitmap and slab map)",
             value=self._backend.metadata_bytes(),
         )
+        pages_mirror = CounterMetricFamily(
+            "client_mirror_pages_total",
+            "Pages served by or written to the local mirror alone",
+            labels=["kind"],
+        )
+        pages_mirror.add_metric(["read"], stats.pages_read_mirror)
+        pages_mirror.add_metric(["written_mirror_only"], stats.pages_written_mirror_only)
+        pages_mirror.add_metric(["resynced"], stats.pages_resynced)
+        yield pages_mirror
+        yield GaugeMetricFamily(
+            "client_unreplicated_pages",
+            "Pages whose newest copy only the mirror holds (written while the network was down)",
+            value=self._backend.unreplicated_pages,
+        )
+        mode = GaugeMetricFamily("client_mode", "1 for the mode the client is in", labels=["mode"])
+        for name in ("normal", "network_down", "resyncing"):
+            mode.add_metric([name], 1.0 if self._backend.mode == name else 0.0)
+        yield mode
+        mirror = self._backend.mirror
+        if mirror is not None:
+            yield GaugeMetricFamily(
+                "client_mirror_cache_bytes",
+                "Page bytes sent to the mirror and not yet confirmed on its disk",
+                value=mirror.cache_bytes,
+            )
+            yield GaugeMetricFamily(
+                "client_mirror_up",
+                "1 if the mirror answers and holds every write (it can serve page-ins)",
+                value=1.0 if mirror.serves_reads else 0.0,
+            )
+            yield CounterMetricFamily(
+                "client_mirror_written_bytes",
+                "Page bytes the mirror confirmed on disk",
+                value=mirror.written_bytes,
+            )
+            yield CounterMetricFamily(
+                "client_mirror_failures",
+                "Mirror requests that failed or timed out",
+                value=mirror.failures,
+            )
         yield GaugeMetricFamily(
             "client_map_epoch", "Epoch of the slab map last applied", value=self._placement.epoch
         )
@@ -76,6 +121,14 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         timeout=config.placement_timeout,
         poll_interval=config.map_poll_interval,
     )
+    mirror = None
+    if config.mirror:
+        mirror = MirrorLink(
+            config.mirror,
+            context=context,
+            cache_bytes=int(config.mirror_cache),
+            timeout=config.mirror_timeout,
+        )
     backend = RemoteBackend(
         size=int(config.size),
         tenant=config.tenant,
@@ -83,6 +136,8 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         placement=placement,
         context=context,
         replica_timeout=config.replica_timeout,
+        mirror=mirror,
+        resync_interval=config.resync_interval,
     )
 
     async def close_links() -> None:
@@ -90,6 +145,39 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         context.destroy(linger=0)
 
     backend.on_close.append(close_links)
+    if mirror is not None:
+        try:
+            await _adopt_mirror(mirror, backend, config)
+        except MirrorMismatch as exc:
+            await backend.close()
+            raise StartupError(str(exc)) from exc
     await placement.start(backend)
+    backend.start_resync()
     registry.register(_RemoteCollector(backend, placement))
     return backend
+
+
+class MirrorMismatch(Exception):
+    """The mirror cannot serve this device (wrong size, or not answering at start)."""
+
+
+async def _adopt_mirror(mirror: MirrorLink, backend: RemoteBackend, config: ClientConfig) -> None:
+    """Check the mirror fits the device and take over its mirror-only pages (a restart)."""
+    try:
+        described = await mirror.describe()
+        if described.page_count != backend.page_count:
+            raise MirrorMismatch(
+                f"mirror {config.mirror} holds {described.page_count} pages, the device "
+                f"has {backend.page_count}"
+            )
+        _reply, bitmap = await mirror.list_unreplicated()
+    except MirrorFailure as exc:
+        raise MirrorMismatch(f"mirror {config.mirror} did not answer: {exc}") from exc
+    pages = backend.mark_unreplicated(bitmap)
+    log.info(
+        "mirror attached endpoint=%s path=%s direct_io=%s unreplicated_pages=%d",
+        config.mirror,
+        described.path,
+        described.direct_io,
+        pages,
+    )

@@ -11,6 +11,14 @@ use, reported to placement, and the write completes on the rest. Reads go to one
 (spread over a slab's replicas by slab number) and fail over, page by page, on an error,
 timeout, missing page or checksum mismatch. The kernel sees an error only when no copy is
 left.
+
+With a local mirror (`mirror_link.MirrorLink`), every write is also queued to the mirror
+(write-behind, bounded cache). When no replica can store a write (network down), it goes
+to the mirror alone, durably, and its pages are marked in a second bitmap, `unreplicated`
+(another 32 KiB per GiB, allocated at the first such write and freed once every page is
+resynced, so a healthy client spends nothing on it); such pages are read from the mirror
+until the resync task has copied them to their replicas. A read no replica can serve also
+falls back to the mirror.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import functools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +46,7 @@ from remem_common.protocol.pages import (
 
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
+from remem_client.mirror_link import MirrorFailure, MirrorLink
 
 log = logging.getLogger("client.remote")
 # Reads of up to this many pages within one slab take the plain-Python fast path.
@@ -88,6 +97,10 @@ class RemoteStats:
     pages_read_remote: int = 0
     pages_read_zero: int = 0
     pages_written: int = 0
+    pages_read_mirror: int = 0
+    pages_written_mirror_only: int = 0
+    pages_resynced: int = 0
+    resync_failures: int = 0
 
 
 class RemoteBackend:
@@ -110,6 +123,8 @@ class RemoteBackend:
         context: zmq.Context[zmq.Socket[bytes]],
         replica_timeout: float,
         on_replica_failure: Callable[[str], None] | None = None,
+        mirror: MirrorLink | None = None,
+        resync_interval: float = 0.5,
     ) -> None:
         if size % PAGE_SIZE:
             raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
@@ -137,6 +152,17 @@ class RemoteBackend:
         self._failed: dict[str, float] = {}
         self._edge_locks: dict[int, asyncio.Lock] = {}
         self.stats = RemoteStats()
+        self.mirror = mirror
+        # Pages whose newest data only the mirror holds (written while the network was down).
+        self._unreplicated: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+        self.unreplicated_pages = 0
+        # Slabs the resync task is copying right now: writes to them wait (see _resync_run).
+        self._resync_busy: set[int] = set()
+        self._resync_done = asyncio.Event()
+        self._resync_interval = resync_interval
+        self._resync_task: asyncio.Task[None] | None = None
+        # The last replica write failed and went to the mirror alone (for the mode metric).
+        self.network_down = False
         # Run after the links are closed (the placement link, the ZeroMQ context).
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -145,13 +171,12 @@ class RemoteBackend:
     def metadata_bytes(self) -> int:
         """Client memory spent on location metadata (bitmap + slab map)."""
         slab_entries = sum(len(r) for r in self._slab_replicas if r is not None)
-        return int(self._written.nbytes) + 8 * self.slab_count + 16 * slab_entries
+        extra = self._unreplicated.nbytes if self._unreplicated is not None else 0
+        bitmaps = self._written.nbytes + extra
+        return int(bitmaps) + 8 * self.slab_count + 16 * slab_entries
 
     def _written_mask(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
-        byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
-        bits = np.unpackbits(self._written[byte0:byte1], bitorder="little")
-        start = first - byte0 * 8
-        return bits[start : start + count].astype(np.bool_)
+        return _bits_of(self._written, first, count)
 
     def _maybe_written(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
         """Pages that may hold data: marked written, or in a slab adopted after a restart."""
@@ -163,11 +188,38 @@ class RemoteBackend:
         return written
 
     def _set_written(self, first: int, count: int, value: bool) -> None:
-        byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
-        bits = np.unpackbits(self._written[byte0:byte1], bitorder="little")
-        start = first - byte0 * 8
-        bits[start : start + count] = value
-        self._written[byte0:byte1] = np.packbits(bits, bitorder="little")
+        _set_bits(self._written, first, count, value)
+
+    def _set_unreplicated(self, first: int, count: int, value: bool) -> None:
+        if self._unreplicated is None:
+            if not value:
+                return
+            self._unreplicated = np.zeros_like(self._written)
+        before = _set_bits(self._unreplicated, first, count, value)
+        self.unreplicated_pages += (count - before) if value else -before
+        if not self.unreplicated_pages:
+            self._unreplicated = None
+
+    def _any_unreplicated(self, first: int, count: int) -> bool:
+        if not self.unreplicated_pages or self._unreplicated is None:
+            return False
+        byte0, byte1 = first >> 3, ((first + count - 1) >> 3) + 1
+        raw = int.from_bytes(self._unreplicated[byte0:byte1], "little")
+        return bool((raw >> (first & 7)) & ((1 << count) - 1))
+
+    def mark_unreplicated(self, bitmap: bytes) -> int:
+        """Adopt the mirror's list of mirror-only pages (a restarted client); returns how many.
+
+        They are marked written too, and the resync task copies them to their replicas."""
+        theirs = np.frombuffer(bitmap, dtype=np.uint8)[: self._written.shape[0]]
+        if not theirs.any():
+            return self.unreplicated_pages
+        if self._unreplicated is None:
+            self._unreplicated = np.zeros_like(self._written)
+        self._unreplicated[: theirs.shape[0]] |= theirs
+        self._written[: theirs.shape[0]] |= theirs
+        self.unreplicated_pages = int(np.unpackbits(self._unreplicated).sum())
+        return self.unreplicated_pages
 
     def written_pages(self) -> int:
         return int(np.unpackbits(self._written).sum())
@@ -291,12 +343,17 @@ class RemoteBackend:
         last = (offset + length - 1) // PAGE_SIZE
         count = last - first + 1
         slab = first // SLAB_PAGES
-        if count <= FAST_PAGES and last // SLAB_PAGES == slab and not self._slab_unknown[slab]:
+        if (
+            count <= FAST_PAGES
+            and last // SLAB_PAGES == slab
+            and not self._slab_unknown[slab]
+            and not self._any_unreplicated(first, count)
+        ):
             fast = await self._read_fast(first, count, slab)
             if fast is not None:
                 skip = offset - first * PAGE_SIZE
                 return fast[skip : skip + length]
-        pages = await self._read_pages(first, count)
+        pages = await self._load(first, count)
         skip = offset - first * PAGE_SIZE
         view = memoryview(pages.data).cast("B")
         return view[skip : skip + length]
@@ -339,6 +396,34 @@ class RemoteBackend:
                 return None
         self.stats.pages_read_remote += count
         return data
+
+    async def _load(self, first: int, count: int) -> PageArray:
+        """Pages [first, first + count) from wherever the newest copy is: the replicas, or
+        the mirror for mirror-only pages and when no replica answers."""
+        if self.mirror is not None and self._any_unreplicated(first, count):
+            return await self._read_local(first, count)
+        try:
+            return await self._read_pages(first, count)
+        except BackendError as exc:
+            if self.mirror is None:
+                raise
+            log.warning("no replica served pages %d+%d (%s); reading the mirror", first, count, exc)
+            return await self._read_local(first, count)
+
+    async def _read_local(self, first: int, count: int) -> PageArray:
+        """Pages from the mirror and its write cache; pages never written read as zeros."""
+        assert self.mirror is not None
+        try:
+            rows = await self.mirror.read(first, count)
+        except MirrorFailure as exc:
+            raise BackendError(
+                errno.EIO, f"pages {first}+{count}: no replica and no mirror: {exc}"
+            ) from exc
+        written = self._maybe_written(first, count)
+        if not written.all():
+            rows[~written] = 0  # trimmed on the mirror too, unless that trim was missed
+        self.stats.pages_read_mirror += count
+        return rows
 
     async def _read_pages(self, first: int, count: int) -> PageArray:
         """Pages [first, first + count) as a (count, 4096) array the caller may keep."""
@@ -427,7 +512,7 @@ class RemoteBackend:
         end = offset + len(data)
         if offset % PAGE_SIZE == 0 and end % PAGE_SIZE == 0:
             pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            await self._write_pages(offset // PAGE_SIZE, pages)
+            await self._store(offset // PAGE_SIZE, pages)
             return
         await self._read_modify_write(offset, end, lambda buf, skip: _patch(buf, skip, data))
 
@@ -442,14 +527,56 @@ class RemoteBackend:
         for lock in locks:
             await lock.acquire()
         try:
-            pages = (await self._read_pages(first, last - first + 1)).copy()
+            pages = (await self._load(first, last - first + 1)).copy()
             patch(pages, offset - first * PAGE_SIZE)
-            await self._write_pages(first, pages)
+            await self._store(first, pages)
         finally:
             for page, lock in zip(edges, locks, strict=True):
                 lock.release()
                 if not lock.locked() and self._edge_locks.get(page) is lock:
                     del self._edge_locks[page]
+
+    async def _store(self, first: int, pages: PageArray) -> None:
+        """Write pages to every live replica and, behind them, to the mirror; with the
+        network down, to the mirror alone (durably) as unreplicated pages."""
+        mirror = self.mirror
+        if mirror is None:
+            await self._write_pages(first, pages)
+            return
+        count = pages.shape[0]
+        if self._resync_busy:
+            await self._wait_for_resync(first, count)
+        await mirror.write_behind(first, pages)
+        try:
+            await self._write_pages(first, pages)
+        except BackendError as exc:
+            try:
+                await mirror.write_durable(first, pages)
+            except MirrorFailure as mirror_exc:
+                raise BackendError(
+                    errno.EIO, f"{exc.detail}; and the mirror failed: {mirror_exc}"
+                ) from exc
+            if not self.network_down:
+                log.warning("network down: writing to the mirror alone (%s)", exc.detail)
+            self.network_down = True
+            self._set_written(first, count, True)
+            self._set_unreplicated(first, count, True)
+            self.stats.pages_written_mirror_only += count
+            return
+        if self._any_unreplicated(first, count):
+            # The replicas now hold the newest data of these pages.
+            self._set_unreplicated(first, count, False)
+            self._spawn(mirror.mark_replicated(first, count))
+
+    async def _wait_for_resync(self, first: int, count: int) -> None:
+        slabs = set(range(first // SLAB_PAGES, (first + count - 1) // SLAB_PAGES + 1))
+        while self._resync_busy & slabs:
+            self._resync_done.clear()
+            await self._resync_done.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_ignore_outcome)
 
     async def _write_pages(self, first: int, pages: PageArray) -> None:
         count = pages.shape[0]
@@ -518,6 +645,9 @@ class RemoteBackend:
         count = end_page - first
         written = self._maybe_written(first, count)
         self._set_written(first, count, False)
+        if self.mirror is not None:
+            self._set_unreplicated(first, count, False)
+            self.mirror.trim(first, count)
         if not written.any():
             return
         pending: list[tuple[int, asyncio.Future[Any]]] = []
@@ -544,12 +674,128 @@ class RemoteBackend:
                 # delete only holds garbage until the slab is dropped.
                 self._replica_failed(failure, slab)
 
+    # -- resync ----------------------------------------------------------------------------
+
+    def start_resync(self) -> None:
+        """Start the task that copies mirror-only pages to their replicas."""
+        if self.mirror is not None and self._resync_task is None:
+            self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
+
+    @property
+    def mode(self) -> str:
+        """normal, network_down (writes go to the mirror alone) or resyncing."""
+        if not self.unreplicated_pages:
+            return "normal"
+        return "network_down" if self.network_down else "resyncing"
+
+    async def _resync_loop(self) -> None:
+        while True:
+            # A timer, not a wait for an event: resync polls whether replicas are back.
+            await asyncio.sleep(self._resync_interval)
+            if not self.unreplicated_pages:
+                continue
+            try:
+                await self.resync_once()
+            except Exception:  # the task must outlive any one failure
+                log.exception("resync round failed")
+
+    async def resync_once(self) -> int:
+        """Copy every mirror-only page to its replicas; returns pages copied this round.
+
+        Stops at the first run the replicas cannot take (still down); the next round
+        starts over."""
+        if self._unreplicated is None:
+            return 0
+        bits = np.unpackbits(self._unreplicated, bitorder="little")[: self.page_count]
+        pages = np.flatnonzero(bits)
+        if not pages.size:
+            return 0
+        if self.network_down:
+            log.info("trying to resync %d mirror-only pages", pages.size)
+        copied = 0
+        for run_first, run_count in _runs(pages):
+            for seg_first, seg_count in _slab_segments(run_first, run_count):
+                if not await self._resync_run(seg_first, seg_count):
+                    return copied
+                copied += seg_count
+        if copied and not self.unreplicated_pages:
+            log.info("resync done: the replicas hold every page again")
+        return copied
+
+    async def _resync_run(self, first: int, count: int) -> bool:
+        """Copy one run (inside one slab) from the mirror to the replicas."""
+        assert self.mirror is not None
+        slab = first // SLAB_PAGES
+        # Writes to this slab wait meanwhile: one sent between our mirror read and our
+        # replica write would be overwritten by the older data we copy.
+        self._resync_busy.add(slab)
+        try:
+            rows = await self._read_local(first, count)
+            # Only pages still mirror-only: a write since may have replicated some.
+            if self._unreplicated is None:
+                return True  # a write since replicated every page
+            keep = _bits_of(self._unreplicated, first, count)
+            for sub_first, sub_count in _runs(np.flatnonzero(keep) + first):
+                offset = sub_first - first
+                await self._write_pages(sub_first, rows[offset : offset + sub_count])
+                self._set_unreplicated(sub_first, sub_count, False)
+                await self.mirror.mark_replicated(sub_first, sub_count)
+                self.stats.pages_resynced += sub_count
+        except (BackendError, MirrorFailure) as exc:
+            self.stats.resync_failures += 1
+            self.network_down = True
+            log.debug("resync of pages %d+%d failed: %s", first, count, exc)
+            return False
+        finally:
+            self._resync_busy.discard(slab)
+            self._resync_done.set()
+        self.network_down = False
+        return True
+
     async def close(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        if self.mirror is not None:
+            self.mirror.close()
         for link in self._links.values():
             link.close()
         self._links.clear()
         for closer in self.on_close:
             await closer()
+
+
+def _set_bits(bitmap: np.ndarray[Any, Any], first: int, count: int, value: bool) -> int:
+    """Set or clear bits [first, first + count); returns how many were set before."""
+    byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
+    bits = np.unpackbits(bitmap[byte0:byte1], bitorder="little")
+    start = first - byte0 * 8
+    before = int(bits[start : start + count].sum())
+    bits[start : start + count] = value
+    bitmap[byte0:byte1] = np.packbits(bits, bitorder="little")
+    return before
+
+
+def _bits_of(bitmap: np.ndarray[Any, Any], first: int, count: int) -> np.ndarray[Any, Any]:
+    """Bits [first, first + count) as booleans."""
+    byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
+    bits = np.unpackbits(bitmap[byte0:byte1], bitorder="little")
+    start = first - byte0 * 8
+    return bits[start : start + count].astype(np.bool_)
+
+
+def _runs(pages: np.ndarray[Any, Any]) -> list[tuple[int, int]]:
+    """Sorted page numbers as runs of consecutive pages: [(first, count), ...]."""
+    if not pages.size:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [pages.size]))
+    return [(int(pages[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("background mirror request failed: %s", task.exception())
 
 
 def _slab_segments(first: int, count: int) -> list[tuple[int, int]]:

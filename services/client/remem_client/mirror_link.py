@@ -1,0 +1,366 @@
+"""The client's asyncio link to the local mirror, and the write cache in front of it.
+
+Every page-out that goes to the replicas is also handed to `write_behind`: it copies the
+pages into the bounded write cache (one bytes object per request, not per page), sends them
+to the mirror and returns without waiting for the disk (Anemone's asynchronous local
+write). An entry leaves the cache when the mirror confirms the pages are on disk; until
+then a page-in that has to be served locally (network down) reads it from the cache. When
+the cache is full, `write_behind` waits for room: back-pressure on the NBD writer, never a
+dropped page.
+
+`write_durable` is the network-down write: it returns only once the mirror has the pages on
+disk (fdatasync'd) and has recorded them as unreplicated.
+
+The mirror executes one connection's requests in order, so a read sees every write sent
+before it; the cache overlay (oldest to newest) adds the writes that are still in flight.
+
+If the mirror stops answering (a timeout), everything in flight fails, the cache is
+released (the replicas still hold those pages) and the link is marked `incomplete`: the
+mirror has missed writes, so its copy must not serve page-ins any more (a stale page is
+worse than an error). The link tries the mirror again after a back-off and keeps sending
+later writes to it, but stays incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+from remem_common.framing import decode, encode
+from remem_common.protocol.client_mirror import (
+    MAX_MIRROR_PAGES,
+    MIRROR_REPLY_ADAPTER,
+    DescribeMirrorReply,
+    DescribeMirrorRequest,
+    ListUnreplicatedReply,
+    ListUnreplicatedRequest,
+    MarkReplicatedRequest,
+    ReadPagesReply,
+    ReadPagesRequest,
+    TrimPagesRequest,
+    WritePagesRequest,
+)
+from remem_common.protocol.envelope import ErrorReply, ProtocolError
+from remem_common.protocol.pages import PAGE_SIZE, PageArray
+
+log = logging.getLogger("client.mirror")
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# Seconds between attempts to reach a mirror that stopped answering.
+RETRY_AFTER = 2.0
+# Requests in flight at most: past it, write_behind waits like for a full cache. Keeps the
+# DEALER's queue and the mirror's reply queue (ZeroMQ high-water marks, 1000 by default)
+# from ever filling, where a send would fail or a reply be dropped.
+MAX_IN_FLIGHT = 512
+
+
+class MirrorFailure(Exception):
+    """The mirror did not serve a request: error reply, timeout, or the link is down."""
+
+
+class MirrorLink:
+    """One DEALER to `remem mirror`, the bounded write cache, and mirror state."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]],
+        cache_bytes: int,
+        timeout: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
+        self._context = context
+        self._loop = asyncio.get_running_loop()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        # msg_id -> (first page, count, data) of writes the mirror has not confirmed; dict
+        # order is send order, which is the order the mirror applies them.
+        self._cache: dict[int, tuple[int, int, bytes]] = {}
+        self.cache_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        # False after a timeout, until the mirror answers again.
+        self.up = True
+        # The mirror missed writes (it timed out with writes in flight): it must not serve.
+        self.incomplete = False
+        self._down_since = 0.0
+        self.written_bytes = 0
+        self.pages_read = 0
+        self.failures = 0
+        self._socket: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._open_socket()
+        self.closed = False
+
+    # -- socket ----------------------------------------------------------------------------
+
+    def _open_socket(self) -> None:
+        sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4 * MAX_IN_FLIGHT)
+        sock.setsockopt(zmq.RCVHWM, 4 * MAX_IN_FLIGHT)
+        sock.connect(self.endpoint)
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._socket, self._fd = sock, fd
+        self._loop.add_reader(fd, self._on_readable)
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._loop.remove_reader(self._fd)
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fail_all("link closed")
+        self._close_socket()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def serves_reads(self) -> bool:
+        """The mirror can serve page-ins: reachable and holding every write."""
+        return self.up and not self.incomplete and not self.closed
+
+    def usable(self) -> bool:
+        """Worth sending to: up, or down long enough to try again."""
+        if self.closed:
+            return False
+        if self.up:
+            return True
+        if time.monotonic() - self._down_since >= RETRY_AFTER:
+            # A fresh socket drops whatever the old one still queued toward the dead peer.
+            self._close_socket()
+            self._open_socket()
+            self.up = True
+            log.info("trying the mirror again endpoint=%s", self.endpoint)
+            return True
+        return False
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _send(self, msg: Any, *payload: Any) -> asyncio.Future[Any]:
+        if self.closed or self._socket is None:
+            raise MirrorFailure("mirror link closed")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        try:
+            self._socket.send_multipart(encode(msg, *payload), flags=_NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            raise MirrorFailure(f"send failed: {exc}") from exc
+        timer = self._loop.call_later(self.timeout, self._expire, msg.msg_id)
+        self._waiting[msg.msg_id] = (future, timer)
+        # The ZeroMQ FD is edge-triggered and a send may consume the edge of a waiting reply.
+        self._loop.call_soon(self._on_readable)
+        return future
+
+    async def _call(self, msg: Any, *payload: Any) -> Any:
+        if not self.usable():
+            raise MirrorFailure("the mirror is not answering")
+        return await self._send(msg, *payload)
+
+    async def describe(self) -> DescribeMirrorReply:
+        reply = await self._call(DescribeMirrorRequest(msg_id=next(self._ids)))
+        assert isinstance(reply, DescribeMirrorReply)
+        return reply
+
+    async def list_unreplicated(self) -> tuple[ListUnreplicatedReply, bytes]:
+        future = self._send(ListUnreplicatedRequest(msg_id=next(self._ids)))
+        reply, payload = await future
+        return reply, payload
+
+    async def _wait_for_room(self, nbytes: int) -> None:
+        while (self.cache_bytes and self.cache_bytes + nbytes > self.cache_limit) or len(
+            self._waiting
+        ) >= MAX_IN_FLIGHT:
+            self._room.clear()
+            await self._room.wait()
+
+    async def write_behind(self, first: int, pages: PageArray) -> None:
+        """Queue pages for the mirror and return once they are in the write cache."""
+        if not self.usable():
+            return
+        count = pages.shape[0]
+        for start in range(0, count, MAX_MIRROR_PAGES):
+            n = min(MAX_MIRROR_PAGES, count - start)
+            await self._wait_for_room(n * PAGE_SIZE)
+            if not self.up:
+                return
+            data = pages[start : start + n].tobytes()
+            msg = WritePagesRequest(msg_id=next(self._ids), first_page=first + start, count=n)
+            try:
+                future = self._send(msg, data)
+            except MirrorFailure as exc:
+                self._lost(str(exc))
+                return
+            self._cache[msg.msg_id] = (first + start, n, data)
+            self.cache_bytes += len(data)
+            future.add_done_callback(_retrieve)
+
+    async def write_durable(self, first: int, pages: PageArray) -> None:
+        """Write pages as mirror-only (unreplicated), returning once they are on disk."""
+        if self.incomplete or not self.usable():
+            raise MirrorFailure("the mirror is not answering or missed writes")
+        count = pages.shape[0]
+        futures = []
+        for start in range(0, count, MAX_MIRROR_PAGES):
+            n = min(MAX_MIRROR_PAGES, count - start)
+            data = pages[start : start + n].tobytes()
+            msg = WritePagesRequest(
+                msg_id=next(self._ids),
+                first_page=first + start,
+                count=n,
+                replicated=False,
+                sync=True,
+            )
+            futures.append(self._send(msg, data))
+            self._cache[msg.msg_id] = (first + start, n, data)
+            self.cache_bytes += len(data)
+        for future in futures:
+            await future
+
+    async def read(self, first: int, count: int) -> PageArray:
+        """Pages [first, first + count) as the mirror and the write cache hold them."""
+        if not self.serves_reads:
+            raise MirrorFailure("the mirror is down or missed writes")
+        out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+        futures = []
+        for start in range(0, count, MAX_MIRROR_PAGES):
+            n = min(MAX_MIRROR_PAGES, count - start)
+            msg = ReadPagesRequest(msg_id=next(self._ids), first_page=first + start, count=n)
+            futures.append((start, n, self._send(msg)))
+        for start, n, future in futures:
+            _reply, payload = await future
+            out[start : start + n] = np.frombuffer(payload, dtype=np.uint8).reshape(n, PAGE_SIZE)
+        self.pages_read += count
+        # Writes still in flight (sent after the read, or not yet confirmed): newest wins.
+        for cached_first, cached_count, data in list(self._cache.values()):
+            lo = max(first, cached_first)
+            hi = min(first + count, cached_first + cached_count)
+            if lo < hi:
+                rows = np.frombuffer(data, dtype=np.uint8).reshape(cached_count, PAGE_SIZE)
+                out[lo - first : hi - first] = rows[lo - cached_first : hi - cached_first]
+        return out
+
+    def trim(self, first: int, count: int) -> None:
+        """Make the pages read as zeros on the mirror (ordered after earlier writes)."""
+        if not self.usable():
+            return
+        # Cached writes of these pages must not be overlaid on later reads.
+        self._forget_cached(first, count)
+        try:
+            self._send(TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count))
+        except MirrorFailure as exc:
+            self._lost(str(exc))
+            return
+        # Nobody awaits a trim; a failure shows as a timeout of the link.
+
+    async def mark_replicated(self, first: int, count: int) -> None:
+        """Tell the mirror the pages are on their replicas again (after a resync)."""
+        msg = MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count)
+        await self._call(msg)
+
+    def _forget_cached(self, first: int, count: int) -> None:
+        for msg_id, (cached_first, cached_count, data) in list(self._cache.items()):
+            if cached_first < first + count and first < cached_first + cached_count:
+                # Keep the bytes accounted (they are still in flight) but overlay zeros.
+                zero = bytearray(data)
+                lo = max(first, cached_first) - cached_first
+                hi = min(first + count, cached_first + cached_count) - cached_first
+                zero[lo * PAGE_SIZE : hi * PAGE_SIZE] = bytes((hi - lo) * PAGE_SIZE)
+                self._cache[msg_id] = (cached_first, cached_count, bytes(zero))
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        while sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+            try:
+                frames = sock.recv_multipart(flags=_NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_reply(frames)
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        try:
+            reply, payload = decode(frames, MIRROR_REPLY_ADAPTER)
+        except ProtocolError as exc:
+            log.warning("malformed reply from the mirror: %s", exc.detail)
+            return
+        entry = self._waiting.pop(reply.parent_id, None)
+        cached = self._cache.pop(reply.parent_id, None)
+        if cached is not None:
+            self.cache_bytes -= len(cached[2])
+            if not isinstance(reply, ErrorReply):
+                self.written_bytes += len(cached[2])
+        self._room.set()
+        if entry is None:
+            return
+        future, timer = entry
+        timer.cancel()
+        if future.done():
+            return
+        if isinstance(reply, ErrorReply):
+            self.failures += 1
+            log.warning("mirror refused a request: %s %s", reply.error_code, reply.detail)
+            if cached is not None:
+                # A write the mirror could not store: its copy is no longer complete.
+                self.incomplete = True
+            future.set_exception(MirrorFailure(f"{reply.error_code}: {reply.detail}"))
+        elif isinstance(reply, ReadPagesReply | ListUnreplicatedReply):
+            if len(payload) != 1:
+                future.set_exception(MirrorFailure("reply without its data frame"))
+                return
+            data = bytes(memoryview(payload[0]))
+            if isinstance(reply, ReadPagesReply) and len(data) != reply.count * PAGE_SIZE:
+                future.set_exception(MirrorFailure("read reply of the wrong length"))
+                return
+            future.set_result((reply, data))
+        else:
+            future.set_result(reply)
+
+    def _expire(self, msg_id: int) -> None:
+        entry = self._waiting.get(msg_id)
+        if entry is None:
+            return
+        self._lost(f"no answer in {self.timeout}s")
+
+    def _lost(self, why: str) -> None:
+        """The mirror stopped answering: fail what is in flight, free the cache."""
+        self.failures += 1
+        if self._cache:
+            self.incomplete = True
+        if self.up:
+            log.error("mirror lost endpoint=%s: %s", self.endpoint, why)
+        self.up = False
+        self._down_since = time.monotonic()
+        self._fail_all(why)
+
+    def _fail_all(self, why: str) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future, timer in waiting.values():
+            timer.cancel()
+            if not future.done():
+                future.set_exception(MirrorFailure(why))
+        self._cache.clear()
+        self.cache_bytes = 0
+        self._room.set()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Consume a write-behind's outcome (nobody awaits it; failures are handled above)."""
+    if not future.cancelled():
+        future.exception()
