@@ -12,10 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import zmq
-from pydantic import BaseModel
 
-from remem_common.dealer import BlockingDealer
-from remem_common.framing import decode, encode
+from remem_common.dealer import RequestDealer
 from remem_common.protocol.client_mirror import (
     MIRROR_REPLY_ADAPTER,
     DescribeMirrorReply,
@@ -48,8 +46,10 @@ class MirrorTimeout(Exception):
     """No reply within the timeout."""
 
 
-class MirrorClient(BlockingDealer):
+class MirrorClient(RequestDealer):
     """Blocking requests to one mirror over a DEALER socket."""
+
+    reply_adapter = MIRROR_REPLY_ADAPTER
 
     def __init__(
         self,
@@ -60,26 +60,11 @@ class MirrorClient(BlockingDealer):
     ) -> None:
         super().__init__(endpoint, context=context, timeout=timeout)
 
-    def send(self, msg: BaseModel, *payload: Any) -> None:
-        self.socket.send_multipart(encode(msg, *payload))
+    def timeout_error(self, detail: str) -> Exception:
+        return MirrorTimeout(detail)
 
-    def receive(self, timeout: float | None = None) -> tuple[Any, list[Any]]:
-        """The next reply and its payload frames; raises on error replies and timeouts."""
-        wait = self.timeout if timeout is None else timeout
-        self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(wait * 1000)))
-        try:
-            frames = self.socket.recv_multipart()
-        except zmq.Again:
-            raise MirrorTimeout(f"no reply from {self.endpoint} in {wait}s") from None
-        reply, payload = decode(frames, MIRROR_REPLY_ADAPTER)
-        if isinstance(reply, ErrorReply):
-            raise MirrorError(reply.error_code, reply.detail, reply.parent_id)
-        return reply, payload
-
-    def call(self, msg: BaseModel, *payload: Any, timeout: float | None = None) -> Any:
-        """Send one request and wait for its reply: (reply model, payload frames)."""
-        self.send(msg, *payload)
-        return self.receive(timeout)
+    def refused(self, reply: ErrorReply) -> Exception:
+        return MirrorError(reply.error_code, reply.detail, reply.parent_id)
 
     # -- requests --------------------------------------------------------------------------
 

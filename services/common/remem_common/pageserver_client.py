@@ -13,8 +13,7 @@ import numpy as np
 import zmq
 from pydantic import BaseModel, Field, TypeAdapter
 
-from remem_common.dealer import BlockingDealer
-from remem_common.framing import decode, encode
+from remem_common.dealer import RequestDealer
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
     DeletePagesRequest,
@@ -67,8 +66,10 @@ class PageServerTimeout(Exception):
     """No reply within the timeout."""
 
 
-class PageServerClient(BlockingDealer):
+class PageServerClient(RequestDealer):
     """Blocking requests to one page server over a DEALER socket."""
+
+    reply_adapter = REPLY_ADAPTER
 
     def __init__(
         self,
@@ -79,29 +80,11 @@ class PageServerClient(BlockingDealer):
     ) -> None:
         super().__init__(endpoint, context=context, timeout=timeout)
 
-    def send(self, msg: BaseModel, *payload: Any) -> None:
-        self.socket.send_multipart(encode(msg, *payload), copy=False)
+    def timeout_error(self, detail: str) -> Exception:
+        return PageServerTimeout(detail)
 
-    def receive(self, timeout: float | None = None) -> tuple[Any, list[Any]]:
-        """The next reply and its payload frames; raises on error replies and timeouts."""
-        wait = self.timeout if timeout is None else timeout
-        # A blocking recv with a timeout, not poll + recv: on these VMs a zmq_poll wake-up
-        # adds ~100 us to every round trip.
-        self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(wait * 1000)))
-        try:
-            frames = self.socket.recv_multipart()
-        except zmq.Again:
-            raise PageServerTimeout(f"no reply from {self.endpoint} in {wait}s") from None
-        reply, payload = decode(frames, REPLY_ADAPTER)
-        if isinstance(reply, ErrorReply):
-            raise PageServerError(reply.error_code, reply.detail)
-        return reply, payload
-
-    def call(self, msg: BaseModel, *payload: Any, timeout: float | None = None) -> Any:
-        """Send one request and wait for its reply (the reply model, payload in `.payload`)."""
-        self.send(msg, *payload)
-        reply, frames = self.receive(timeout)
-        return reply, frames
+    def refused(self, reply: ErrorReply) -> Exception:
+        return PageServerError(reply.error_code, reply.detail)
 
     # -- page operations -------------------------------------------------------------------
 
