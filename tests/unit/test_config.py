@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from remem_common.config import load_config
+from remem_common.config import bind_address, load_config
 from remem_pageserver.config import (
     ENV_PREFIX,
     PageServerConfig,
     advertised_endpoint,
-    bind_address,
 )
 
 

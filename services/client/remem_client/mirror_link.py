@@ -206,7 +206,7 @@ class MirrorLink:
                 return
             self._cache[msg.msg_id] = (first + start, n, data)
             self.cache_bytes += len(data)
-            future.add_done_callback(_retrieve)
+            future.add_done_callback(consume_outcome)
 
     async def write_durable(self, first: int, pages: PageArray) -> None:
         """Write pages as mirror-only (unreplicated), returning once they are on disk."""
@@ -360,7 +360,8 @@ class MirrorLink:
         self._room.set()
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Consume a write-behind's outcome (nobody awaits it; failures are handled above)."""
-    if not future.cancelled():
-        future.exception()
+def consume_outcome(future: asyncio.Future[Any]) -> None:
+    """Done-callback of a request nobody awaits: its failure is handled elsewhere (the link
+    marks the mirror lost), so only retrieve it, and log it for debugging."""
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("background mirror request failed: %s", future.exception())

@@ -46,7 +46,7 @@ from remem_common.protocol.pages import (
 
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
-from remem_client.mirror_link import MirrorFailure, MirrorLink
+from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
 
 log = logging.getLogger("client.remote")
 # Reads of up to this many pages within one slab take the plain-Python fast path.
@@ -576,7 +576,7 @@ class RemoteBackend:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
-        task.add_done_callback(_ignore_outcome)
+        task.add_done_callback(consume_outcome)
 
     async def _write_pages(self, first: int, pages: PageArray) -> None:
         count = pages.shape[0]
@@ -791,11 +791,6 @@ def _runs(pages: np.ndarray[Any, Any]) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [pages.size]))
     return [(int(pages[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
-
-
-def _ignore_outcome(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("background mirror request failed: %s", task.exception())
 
 
 def _slab_segments(first: int, count: int) -> list[tuple[int, int]]:

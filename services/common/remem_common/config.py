@@ -105,3 +105,10 @@ def load_config(
         )
         sys.exit(0)
     return config
+
+
+def bind_address(listen: str) -> str:
+    """The endpoint to hand zmq bind: port 0 becomes zmq's wildcard port."""
+    if listen.startswith("tcp://") and listen.endswith(":0"):
+        return listen[:-2] + ":*"
+    return listen

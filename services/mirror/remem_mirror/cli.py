@@ -10,10 +10,10 @@ from types import FrameType
 
 import zmq
 from prometheus_client import REGISTRY, start_http_server
-from remem_common.config import load_config
+from remem_common.config import bind_address, load_config
 from remem_common.logs import setup_logging
 
-from remem_mirror.config import ENV_PREFIX, MirrorConfig, bind_address
+from remem_mirror.config import ENV_PREFIX, MirrorConfig
 from remem_mirror.metrics import MirrorGauges, MirrorMetrics
 from remem_mirror.server import MirrorServer
 from remem_mirror.store import MirrorStore, MirrorStoreError

@@ -70,10 +70,3 @@ class MirrorConfig(ServiceConfig):
     def bitmap_path(self) -> Path:
         """Where the unreplicated bitmap lives: --meta-path, else PATH.meta."""
         return self.meta_path or self.path.with_name(self.path.name + ".meta")
-
-
-def bind_address(listen: str) -> str:
-    """The endpoint to hand zmq bind: port 0 becomes zmq's wildcard port."""
-    if listen.startswith("tcp://") and listen.endswith(":0"):
-        return listen[:-2] + ":*"
-    return listen

@@ -10,7 +10,7 @@ from types import FrameType
 
 import zmq
 from prometheus_client import REGISTRY, start_http_server
-from remem_common.config import load_config
+from remem_common.config import bind_address, load_config
 from remem_common.logs import setup_logging
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.protocol.pageserver_placement import HeartbeatRequest, RegisterServerRequest
@@ -19,7 +19,6 @@ from remem_pageserver.config import (
     ENV_PREFIX,
     PageServerConfig,
     advertised_endpoint,
-    bind_address,
 )
 from remem_pageserver.metrics import PageServerMetrics, StoreGauges
 from remem_pageserver.server import PageServer

@@ -65,13 +65,6 @@ class PageServerConfig(ServiceConfig):
         return int(self.capacity) // PAGE_SIZE
 
 
-def bind_address(listen: str) -> str:
-    """The endpoint to hand zmq bind: port 0 becomes zmq's wildcard port."""
-    if listen.startswith("tcp://") and listen.endswith(":0"):
-        return listen[:-2] + ":*"
-    return listen
-
-
 def advertised_endpoint(bound: str, advertise: str | None) -> str:
     """Where peers reach us: `advertise` if given, else the bound endpoint made routable."""
     if advertise:

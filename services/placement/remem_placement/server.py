@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import zmq
 from pydantic import BaseModel, Field, TypeAdapter
+from remem_common.config import bind_address
 from remem_common.framing import decode, encode, split_routing
 from remem_common.protocol.admin_placement import (
     DrainServerReply,
@@ -725,13 +726,6 @@ class PlacementServer:
                     [map_topic(tenant, volume), notice.model_dump_json().encode()],
                     flags=zmq.NOBLOCK,
                 )
-
-
-def bind_address(listen: str) -> str:
-    """The endpoint to hand zmq bind: port 0 becomes zmq's wildcard port."""
-    if listen.startswith("tcp://") and listen.endswith(":0"):
-        return listen[:-2] + ":*"
-    return listen
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
