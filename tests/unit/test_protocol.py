@@ -19,6 +19,9 @@ from remem_common.protocol.client_pageserver import (
     GetPagesRequest,
     PutPagesReply,
     PutPagesRequest,
+    get_pages_reply_header,
+    page_request_header,
+    put_pages_reply_header,
 )
 from remem_common.protocol.envelope import PROTOCOL_VERSION, ErrorCode, ErrorReply, ProtocolError
 from remem_common.protocol.pages import (
@@ -228,3 +231,24 @@ def test_page_codecs_check_lengths_ranges_and_duplicates() -> None:
     crcs = checksum_pages(pages)
     pages[1, 100] = 1
     assert bad_checksums(pages, crcs).tolist() == [1]
+
+
+@pytest.mark.parametrize("op", ["put", "get", "delete"])
+def test_hot_request_headers_are_what_the_models_write(op: str) -> None:
+    model = {"put": PutPagesRequest, "get": GetPagesRequest, "delete": DeletePagesRequest}[op]
+    type_name = model.model_fields["type"].default
+    header = page_request_header(type_name, 41, "tenant-a.b_c", 7, 1024)
+    parsed = SERVED_ADAPTER.validate_json(header)
+    expected = model(msg_id=41, tenant="tenant-a.b_c", volume=7, count=1024, sent_at=parsed.sent_at)
+    assert parsed == expected
+    assert json.loads(header) == json.loads(expected.model_dump_json())
+
+
+def test_hot_reply_headers_are_what_the_models_write() -> None:
+    get = REPLY_ADAPTER.validate_json(get_pages_reply_header(9, 3))
+    assert get == GetPagesReply(msg_id=0, parent_id=9, count=3, sent_at=get.sent_at)
+    put = REPLY_ADAPTER.validate_json(put_pages_reply_header(10, 4))
+    assert put == PutPagesReply(msg_id=0, parent_id=10, stored=4, sent_at=put.sent_at)
+    for header in (get_pages_reply_header(9, 3), put_pages_reply_header(10, 4)):
+        model = REPLY_ADAPTER.validate_json(header)
+        assert json.loads(header) == json.loads(model.model_dump_json())

@@ -380,6 +380,16 @@ class RemoteBackend:
             return None
         replica = live[slab % len(live)]
         link = self._links.get(replica.server_id) or self._link(replica)
+        if not link.gathering("get"):
+            # Another replica already gathering a GET this turn takes the read too: one
+            # message of many pages costs far less than one per server (a ZeroMQ message
+            # costs tens of microseconds of CPU on each side), and the turns rotate over
+            # the replicas by slab, which still spreads the load.
+            for other in live:
+                other_link = self._links.get(other.server_id)
+                if other_link is not None and other_link.gathering("get"):
+                    link = other_link
+                    break
         page = first - slab * SLAB_PAGES
         keys = _PAIRS[count].pack(*_interleave(slab, page, count))
         try:

@@ -21,14 +21,14 @@ from typing import Annotated, Any
 import numpy as np
 import zmq
 from pydantic import Field, TypeAdapter
-from remem_common.framing import decode, encode, split_routing
+from remem_common.framing import DELIMITER, decode, encode, split_routing
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
     DeletePagesRequest,
-    GetPagesReply,
     GetPagesRequest,
-    PutPagesReply,
     PutPagesRequest,
+    get_pages_reply_header,
+    put_pages_reply_header,
 )
 from remem_common.protocol.envelope import (
     MALFORMED_REASONS,
@@ -410,19 +410,20 @@ class PageServer:
         _verify(pages, crcs)
         stored, _ = self.store.put(msg.tenant, msg.volume, keys, crcs, pages)
         self.metrics.pages_in.inc(stored)
-        return encode(PutPagesReply(msg_id=0, parent_id=msg.msg_id, stored=stored))
+        return [DELIMITER, put_pages_reply_header(msg.msg_id, stored)]
 
     def _get(self, routing: Frames, msg: GetPagesRequest, payload: list[Any]) -> Frames:
         self._expect_frames(payload, 1, msg.type)
         keys = unpack_keys(payload[0], msg.count)
         result = self.store.get(msg.tenant, msg.volume, keys)
         self.metrics.pages_out.inc(msg.count)
-        return encode(
-            GetPagesReply(msg_id=0, parent_id=msg.msg_id, count=msg.count),
+        return [
+            DELIMITER,
+            get_pages_reply_header(msg.msg_id, msg.count),
             result.found.view(np.uint8),
             result.crcs,
             result.data,
-        )
+        ]
 
     def _delete(self, routing: Frames, msg: DeletePagesRequest, payload: list[Any]) -> Frames:
         self._expect_frames(payload, 1, msg.type)

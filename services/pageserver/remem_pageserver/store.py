@@ -276,6 +276,15 @@ class PageStore:
         ]
 
     def _lookup(self, tenant_id: int, volume: int, keys: KeyArray) -> Int32Array:
+        slabs = keys["slab"]
+        first_slab = int(slabs[0]) if slabs.size else 0
+        if slabs.size and slabs.size == int(np.count_nonzero(slabs == first_slab)):
+            # One slab (nearly every data-plane batch): one gather, no grouping.
+            slab_slots = self._slabs.get((tenant_id, volume, first_slab))
+            if slab_slots is None:
+                return np.full(keys.shape[0], -1, dtype=np.int32)
+            found: Int32Array = slab_slots[keys["page"]]
+            return found
         slots = np.full(keys.shape[0], -1, dtype=np.int32)
         pages = keys["page"]
         for slab, positions in self._slab_groups(keys["slab"]):

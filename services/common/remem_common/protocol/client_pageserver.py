@@ -34,11 +34,13 @@ Errors: `error_reply` with `malformed` (bad frames, counts, lengths), `unknown_t
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from remem_common.protocol.envelope import Reply, Request
+from remem_common.protocol.envelope import PROTOCOL_VERSION, Reply, Request
 from remem_common.protocol.pages import MAX_BATCH_PAGES
 
 # Tenant names go into the page server's arena file and metric-free logs: keep them short
@@ -98,3 +100,34 @@ DataRequest = Annotated[
     PutPagesRequest | GetPagesRequest | DeletePagesRequest, Field(discriminator="type")
 ]
 DATA_REQUEST_ADAPTER: TypeAdapter[DataRequest] = TypeAdapter(DataRequest)
+
+
+# -- hot-path header encoders --------------------------------------------------------------
+# The data plane sends these headers thousands of times a second; building and dumping a
+# pydantic model costs ~10 us each time. Each function writes exactly what its model's
+# `model_dump_json` writes (tests/unit/test_protocol.py checks both parse to equal models),
+# so the models above stay the one definition of the wire.
+
+
+def page_request_header(type_name: str, msg_id: int, tenant: str, volume: int, count: int) -> bytes:
+    """Header of a put/get/delete_pages_request; `tenant` must already be valid."""
+    return (
+        f'{{"version":{PROTOCOL_VERSION},"msg_id":{msg_id},"sent_at":{time.time()!r},'
+        f'"type":"{type_name}","tenant":{json.dumps(tenant)},"volume":{volume},"count":{count}}}'
+    ).encode()
+
+
+def get_pages_reply_header(parent_id: int, count: int) -> bytes:
+    """Header of a get_pages_reply to request `parent_id`."""
+    return (
+        f'{{"version":{PROTOCOL_VERSION},"msg_id":0,"sent_at":{time.time()!r},'
+        f'"parent_id":{parent_id},"status":"ok","type":"get_pages_reply","count":{count}}}'
+    ).encode()
+
+
+def put_pages_reply_header(parent_id: int, stored: int) -> bytes:
+    """Header of a put_pages_reply to request `parent_id`."""
+    return (
+        f'{{"version":{PROTOCOL_VERSION},"msg_id":0,"sent_at":{time.time()!r},'
+        f'"parent_id":{parent_id},"status":"ok","type":"put_pages_reply","stored":{stored}}}'
+    ).encode()
