@@ -12,7 +12,7 @@ DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfu
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
-        bench-pageserver bench-nbd bench-cluster bench-mirror up clean
+        bench-pageserver bench-nbd bench-cluster bench-mirror bench-swap up clean
 
 install: $(STAMP)
 
@@ -69,6 +69,11 @@ bench-cluster: deps install
 # What the local mirror costs on the write path: remem up with and without it, same run.
 bench-mirror: deps install
 	$(PY) -m remem_client.bench_nbd --target mirror --size 512M
+
+# The Linux kernel swapping a 1 GiB hog (128 MiB of RAM) to remem up and to nbdkit memory,
+# same run, every byte verified (root: nbdfuse, a loop device, a memory cgroup).
+bench-swap: deps install
+	$(PY) -m tests.system.bench_swap
 
 up: install
 	$(VENV)/bin/remem up --state-dir $(STATE_DIR)
