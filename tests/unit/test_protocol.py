@@ -228,3 +228,38 @@ def test_page_codecs_check_lengths_ranges_and_duplicates() -> None:
     crcs = checksum_pages(pages)
     pages[1, 100] = 1
     assert bad_checksums(pages, crcs).tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://x",
+        "tcp://*:5555",
+        "tcp://h:0",
+        "tcp://h:65536",
+        "tcp://h:port",
+        "tcp://h:1;x",
+        "udp://h:1",
+    ],
+)
+def test_an_endpoint_no_socket_can_connect_to_is_malformed(endpoint: str) -> None:
+    header = PushSlabRequest(
+        msg_id=9, tenant="t", volume=0, slab=1, target_endpoint="tcp://h:1"
+    ).model_dump_json()
+    with pytest.raises(ProtocolError) as caught:
+        decode([header.replace("tcp://h:1", endpoint).encode()], SERVED_ADAPTER)
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.MALFORMED, "bad_fields")
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://h:1", "tcp://10.0.0.7:65535", "tcp://[::1]:7000", "ipc:///tmp/ps.sock"]
+)
+def test_connectable_endpoints_are_accepted(endpoint: str) -> None:
+    msg = PushSlabRequest(msg_id=9, tenant="t", volume=0, slab=1, target_endpoint=endpoint)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(msg.target_endpoint)  # what a page server does with it
+    finally:
+        sock.close(linger=0)
+        context.term()
