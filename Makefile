@@ -11,7 +11,7 @@ DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc i
 DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfuse losetup
 STATE_DIR ?= $(CURDIR)/state
 
-.PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root \
+.PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
         bench-pageserver bench-nbd bench-cluster bench-mirror bench-swap up clean
 
 install: $(STAMP)
@@ -54,6 +54,16 @@ test-slow: deps install
 
 test-root: deps install
 	$(PYTEST) -m "root" -q
+
+# The fuzzers with large counts (the default suite runs the same tests small): 3000 examples
+# per NBD test and backend (handshakes + request bursts on the memory and the remote
+# backend: 12000), and every ZeroMQ fuzzer at 5x its default; a "fuzz summary" at the end
+# gives the examples sent and the rejections each service counted. ~10 min on 2 cores.
+FUZZ_NBD_EXAMPLES ?= 3000
+FUZZ_ZMQ_SCALE ?= 5
+test-fuzz: deps install
+	REMEM_NBD_FUZZ_EXAMPLES=$(FUZZ_NBD_EXAMPLES) REMEM_ZMQ_FUZZ_SCALE=$(FUZZ_ZMQ_SCALE) \
+	  $(PYTEST) -m "fuzz and not slow and not root" -q --timeout 1800
 
 bench-pageserver: install
 	$(PY) -m remem_pageserver.bench

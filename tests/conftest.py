@@ -10,6 +10,8 @@ import pytest
 import zmq
 from remem_common.testing import ServiceProcess, start_service
 
+from . import fuzz_summary
+
 StartPageServer = Callable[..., ServiceProcess]
 
 
@@ -65,3 +67,11 @@ def start_pageserver(shm_dir: Path) -> Iterator[StartPageServer]:
     for service in started:
         if service.proc.poll() is None:
             service.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzzers' one-line-per-socket figures (examples sent, rejections counted)."""
+    if fuzz_summary.LINES:
+        terminalreporter.section("fuzz summary")
+        for line in fuzz_summary.LINES:
+            terminalreporter.write_line(line)

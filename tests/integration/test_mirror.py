@@ -1,4 +1,7 @@
-"""The mirror as a real process on a file in /tmp: order, durability, bad input, shutdown."""
+"""The mirror as a real process on a file in /tmp: order, durability, bad input, shutdown.
+
+Its socket's fuzzer is in test_zmq_fuzz.py with every other service's.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from remem_common.framing import decode, encode, split_routing
+from remem_common.framing import encode
 from remem_common.mirror_client import MirrorClient, MirrorError
 from remem_common.protocol.client_mirror import (
-    MIRROR_REQUEST_ADAPTER,
     ReadPagesReply,
     ReadPagesRequest,
     TrimPagesRequest,
     WritePagesReply,
     WritePagesRequest,
 )
-from remem_common.protocol.envelope import ErrorCode, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.testing import ServiceProcess, scrape_metrics, start_service
-from remem_mirror.server import validate
 
 PAGES = 4096  # 16 MiB mirrors: big enough for runs, small enough to compare in memory
 SIZE = f"{PAGES * PAGE_SIZE}"
@@ -335,118 +333,6 @@ def test_metrics_are_exposed(start_mirror: StartMirror) -> None:
     assert metrics["mirror_fsync_duration_seconds_count"] == 1
     assert metrics['mirror_requests_total{op="read",result="error"}'] == 1
     assert metrics['mirror_malformed_messages_total{reason="bad_fields"}'] == 1
-
-
-# -- malformed input ---------------------------------------------------------------------------
-
-
-def header(type_: str = "write_pages_request", **fields: object) -> bytes:
-    import json
-
-    base: dict[str, object] = {"type": type_, "version": 1, "msg_id": 7, "sent_at": 1.0}
-    base.update(fields)
-    return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
-
-
-HEADERS = [
-    b"{}",
-    b"[]",
-    b"null",
-    b"\xff\xfe",
-    b'{"type": 1}',
-    header(first_page=0, count=1, version=2),
-    header(first_page=0, count=1, version="1"),
-    header("grab_pages_request", first_page=0, count=1),
-    header(first_page=0, count=0),
-    header(first_page=0, count=257),
-    header(first_page=0, count=-1),
-    header(first_page=-1, count=1),
-    header(first_page=PAGES, count=1),
-    header(first_page=PAGES - 1, count=2),
-    header(first_page=2**41, count=1),
-    header(first_page=0, count=1, surprise=True),
-    header(first_page=0, count=1, msg_id=-3),
-    header(first_page=0, count=2),
-    header(first_page=0),
-    header("read_pages_request", first_page=PAGES - 10, count=11),
-    header("read_pages_request", first_page=0, count=1),
-    header("trim_pages_request", first_page=0, count=PAGES + 1),
-    header("mark_replicated_request", first_page=PAGES, count=1),
-    header("list_unreplicated_request"),
-    header("describe_mirror_request", extra=1),
-    header(first_page=0, count=1, replicated="maybe"),
-]
-frame_bytes = st.one_of(
-    st.binary(max_size=64),
-    st.sampled_from(HEADERS),
-    st.sampled_from([b"", b"\0" * 4095, b"\0" * 4097, b"\0" * 8192, b"\0" * (257 * PAGE_SIZE)]),
-)
-malformed_messages = st.one_of(
-    # a delimiter, a header and 0..3 payload frames
-    st.tuples(frame_bytes, st.lists(frame_bytes, max_size=3)).map(lambda t: [b"", t[0], *t[1]]),
-    # no delimiter at all
-    st.lists(st.binary(min_size=1, max_size=32), min_size=1, max_size=3),
-)
-
-
-def is_valid(frames: list[bytes]) -> bool:
-    """Would the mirror accept this? Checked with its own validation, so the fuzzer skips it."""
-    try:
-        _, body = split_routing([b"id", *frames])
-        msg, payload = decode(body, MIRROR_REQUEST_ADAPTER)
-        validate(msg, payload, PAGES)
-    except ProtocolError:
-        return False
-    return True
-
-
-def test_malformed_messages_are_answered_and_counted(
-    start_mirror: StartMirror, zmq_context: zmq.Context
-) -> None:
-    mirror = start_mirror()
-    keeper = pages_of(16, 9)
-    with client_of(mirror) as client:
-        client.write(100, keeper)
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(mirror.ready["endpoint"])
-    sent = 0
-    codes: set[str] = set()
-
-    @settings(
-        max_examples=1300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-    )
-    @given(malformed_messages)
-    def fuzz(frames: list[bytes]) -> None:
-        nonlocal sent
-        if is_valid(frames):
-            return
-        sock.send_multipart(frames)
-        assert sock.poll(5000), "the mirror stopped answering"
-        reply = sock.recv_multipart()
-        error = next(frame for frame in reply if frame.startswith(b"{"))
-        assert b'"status":"error"' in error
-        codes.add(next(c for c in ErrorCode if f'"error_code":"{c.value}"'.encode() in error))
-        sent += 1
-
-    try:
-        fuzz()
-    finally:
-        sock.close(linger=0)
-    assert sent >= 1000
-    assert {ErrorCode.MALFORMED, ErrorCode.UNKNOWN_TYPE, ErrorCode.UNSUPPORTED_VERSION} <= codes
-    metrics = scrape(mirror)
-    malformed = sum(
-        v for k, v in metrics.items() if k.startswith("mirror_malformed_messages_total{")
-    )
-    assert malformed == sent
-    assert metrics['mirror_malformed_messages_total{reason="bad_payload"}'] > 0
-    assert metrics['mirror_malformed_messages_total{reason="bad_frames"}'] > 0
-    assert mirror.proc.poll() is None
-    with client_of(mirror) as client:
-        assert np.array_equal(client.read(100, 16), keeper)
-        assert not client.read(0, 100).any()
-        assert client.describe().unreplicated_pages == 0
 
 
 # -- lifecycle ---------------------------------------------------------------------------------

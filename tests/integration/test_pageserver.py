@@ -1,4 +1,7 @@
-"""The page server as a real process on loopback: data, capacity, restart, push, bad input."""
+"""The page server as a real process on loopback: data, capacity, restart, push, bad input.
+
+Its sockets' fuzzers are in test_zmq_fuzz.py with every other service's.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from remem_common.framing import encode
 from remem_common.pageserver_client import PageServerClient, PageServerError
-from remem_common.protocol.client_pageserver import GetPagesRequest, PutPagesRequest
+from remem_common.protocol.client_pageserver import PutPagesRequest
 from remem_common.protocol.envelope import ErrorCode
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
 from remem_common.testing import ServiceProcess, scrape_metrics
@@ -177,78 +178,6 @@ def test_bad_checksum_stores_nothing(start_pageserver: StartPageServer) -> None:
             client.receive()
         assert refused.value.code == ErrorCode.BAD_CHECKSUM
         assert not client.get("t", 0, make_keys([0] * 4, range(4)))[0].any()
-
-
-VALID_HEADER = GetPagesRequest(msg_id=1, tenant="t", volume=0, count=1).model_dump_json().encode()
-frame_bytes = st.one_of(
-    st.binary(max_size=64),
-    st.sampled_from(
-        [
-            b"{}",
-            b"[]",
-            b"null",
-            b'{"type": 1}',
-            VALID_HEADER,
-            VALID_HEADER.replace(b'"version":1', b'"version":9'),
-            VALID_HEADER.replace(b"get_pages", b"grab_pages"),
-            VALID_HEADER.replace(b'"count":1', b'"count":100000'),
-            PutPagesRequest(msg_id=2, tenant="t", volume=0, count=2).model_dump_json().encode(),
-        ]
-    ),
-    st.binary(min_size=4095, max_size=4097),
-)
-malformed_messages = st.one_of(
-    # header variants with a correct delimiter and random payload frames
-    st.tuples(frame_bytes, st.lists(frame_bytes, max_size=4)).map(lambda t: [b"", t[0], *t[1]]),
-    # no delimiter at all
-    st.lists(st.binary(min_size=1, max_size=32), min_size=1, max_size=3),
-)
-
-
-def is_valid_get(frames: list[bytes]) -> bool:
-    return frames[:2] == [b"", VALID_HEADER] and len(frames) == 3 and len(frames[2]) == 8
-
-
-def test_malformed_messages_are_answered_and_counted(
-    start_pageserver: StartPageServer, zmq_context: zmq.Context
-) -> None:
-    server = start_pageserver()
-    keeper = pages_of(8, 4)
-    keys = make_keys([0] * 8, range(8))
-    with client_of(server) as client:
-        client.put("t", 0, keys, keeper)
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.ready["endpoint"])
-    sent = 0
-
-    @settings(
-        max_examples=1200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-    )
-    @given(malformed_messages)
-    def fuzz(frames: list[bytes]) -> None:
-        nonlocal sent
-        if is_valid_get(frames):
-            return
-        sock.send_multipart(frames)
-        assert sock.poll(5000), "the page server stopped answering"
-        reply = sock.recv_multipart()
-        assert b'"status":"error"' in reply[1]
-        sent += 1
-
-    try:
-        fuzz()
-    finally:
-        sock.close(linger=0)
-    assert sent >= 1000
-    metrics = scrape(server)
-    malformed = sum(
-        v for k, v in metrics.items() if k.startswith("pageserver_malformed_messages_total{")
-    )
-    assert malformed >= 0.9 * sent
-    assert server.proc.poll() is None
-    with client_of(server) as client:
-        assert np.array_equal(client.get("t", 0, keys)[2], keeper)
 
 
 def test_sigterm_finishes_queued_requests_and_exits_0(

@@ -1,4 +1,7 @@
-"""Placement as a real process with real page servers: who gets a slab and why, bad input."""
+"""Placement as a real process with real page servers: who gets a slab and why, bad input.
+
+Its sockets' fuzzers are in test_zmq_fuzz.py with every other service's.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from remem_common.placement_client import PlacementClient, PlacementError
 from remem_common.protocol.client_placement import (
-    AllocateSlabRequest,
     MapChangedNotice,
     map_topic,
 )
@@ -229,73 +229,6 @@ def test_status_and_drain_tools(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert down.returncode == 1 and "no reply" in down.stderr
-
-
-VALID = AllocateSlabRequest(msg_id=1, tenant="t", volume=0, slab=0).model_dump_json().encode()
-frame_bytes = st.one_of(
-    st.binary(max_size=64),
-    st.sampled_from(
-        [
-            b"{}",
-            b"null",
-            b'{"type": "heartbeat_request"}',
-            VALID.replace(b'"version":1', b'"version":7'),
-            VALID.replace(b"allocate_slab", b"steal_slab"),
-            VALID.replace(b'"replicas":2', b'"replicas":99'),
-            VALID.replace(b'"tenant":"t"', b'"tenant":"../etc"'),
-            b'{"type":"get_map_request","version":1,"msg_id":3,"tenant":"t","volume":-1}',
-            b'{"type":"drain_server_request","version":1,"msg_id":3,"server_id":""}',
-            b'{"type":"register_server_request","version":1,"msg_id":3}',
-        ]
-    ),
-)
-malformed_messages = st.one_of(
-    st.tuples(frame_bytes, st.lists(frame_bytes, max_size=3)).map(lambda t: [b"", t[0], *t[1]]),
-    st.lists(st.binary(min_size=1, max_size=32), min_size=1, max_size=3),
-    # a valid request with payload frames it does not take
-    st.lists(st.binary(max_size=16), min_size=1, max_size=2).map(lambda p: [b"", VALID, *p]),
-)
-
-
-def test_malformed_messages_are_answered_and_counted(
-    placements: PlacementProcesses, zmq_context: zmq.Context[zmq.Socket[bytes]]
-) -> None:
-    placement = placements.start([*FAST, "--restart-grace", "0"])
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(placement.ready["endpoint"])
-    sent = 0
-
-    @settings(
-        max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
-    )
-    @given(malformed_messages)
-    def fuzz(frames: list[bytes]) -> None:
-        nonlocal sent
-        if frames == [b"", VALID]:
-            return
-        sock.send_multipart(frames)
-        assert sock.poll(5000), "placement stopped answering"
-        reply = sock.recv_multipart()
-        assert b'"status":"error"' in reply[1]
-        sent += 1
-
-    try:
-        fuzz()
-    finally:
-        sock.close(linger=0)
-    assert sent >= 500
-    metrics = scrape(placement)
-    malformed = sum(
-        v for k, v in metrics.items() if k.startswith("placement_malformed_messages_total{")
-    )
-    assert malformed >= 0.9 * sent
-    assert placement.proc.poll() is None
-    with PlacementClient(placement.ready["endpoint"]) as client:
-        with pytest.raises(PlacementError) as refused:
-            client.allocate("t", 0, 0)
-        assert refused.value.code == ErrorCode.NO_SPACE
-        assert "no page server has registered" in refused.value.detail
 
 
 def test_config_errors_exit_2_with_one_line() -> None:

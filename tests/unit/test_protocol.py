@@ -252,3 +252,38 @@ def test_hot_reply_headers_are_what_the_models_write() -> None:
     for header in (get_pages_reply_header(9, 3), put_pages_reply_header(10, 4)):
         model = REPLY_ADAPTER.validate_json(header)
         assert json.loads(header) == json.loads(model.model_dump_json())
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "tcp://x",
+        "tcp://*:5555",
+        "tcp://h:0",
+        "tcp://h:65536",
+        "tcp://h:port",
+        "tcp://h:1;x",
+        "udp://h:1",
+    ],
+)
+def test_an_endpoint_no_socket_can_connect_to_is_malformed(endpoint: str) -> None:
+    header = PushSlabRequest(
+        msg_id=9, tenant="t", volume=0, slab=1, target_endpoint="tcp://h:1"
+    ).model_dump_json()
+    with pytest.raises(ProtocolError) as caught:
+        decode([header.replace("tcp://h:1", endpoint).encode()], SERVED_ADAPTER)
+    assert (caught.value.code, caught.value.reason) == (ErrorCode.MALFORMED, "bad_fields")
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["tcp://h:1", "tcp://10.0.0.7:65535", "tcp://[::1]:7000", "ipc:///tmp/ps.sock"]
+)
+def test_connectable_endpoints_are_accepted(endpoint: str) -> None:
+    msg = PushSlabRequest(msg_id=9, tenant="t", volume=0, slab=1, target_endpoint=endpoint)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(msg.target_endpoint)  # what a page server does with it
+    finally:
+        sock.close(linger=0)
+        context.term()

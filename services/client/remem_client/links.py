@@ -43,6 +43,8 @@ from remem_common.protocol.pages import (
     unpack_pages,
 )
 
+from remem_client.metrics import MalformedReplies
+
 log = logging.getLogger("client.links")
 # pyzmq's flags are IntFlag enums: every `|`, `&` or call builds enum objects (26k calls for
 # 2k reads in a profile). Plain ints on the hot path.
@@ -136,8 +138,10 @@ class PageServerLink:
         tenant: str,
         volume: int,
         timeout: float,
+        malformed: MalformedReplies | None = None,
     ) -> None:
         self.server_id = server_id
+        self._malformed = malformed
         self.endpoint = endpoint
         self.tenant = tenant
         self.volume = volume
@@ -315,6 +319,8 @@ class PageServerLink:
             reply, payload = decode(frames, _ADAPTER)
         except ProtocolError as exc:
             log.warning("malformed reply from %s: %s", self.server_id, exc.detail)
+            if self._malformed is not None:
+                self._malformed.count("pageserver", exc)
             return
         entry = self._waiting.pop(reply.parent_id, None)
         if entry is None:

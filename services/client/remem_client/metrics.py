@@ -12,6 +12,10 @@ what pre-creating children with `.labels()` achieves for ordinary metric objects
     client_nbd_malformed_requests_total{reason}   reason in MALFORMED_REASONS; each one
                                                   closed the offending connection
 
+The remote backend adds its own (remote.py), among them
+`client_malformed_messages_total{peer,reason}`: replies from a page server, placement or
+the mirror that did not decode (`MalformedReplies`), each dropped and logged.
+
 Why a collector over plain counters instead of Counter/Histogram objects: per request the
 prometheus_client objects cost, on this machine, 0.58 us per `Counter.inc()` and 1.56 us
 per `Histogram.observe()` (a lock and a Python loop over the buckets), about 2.7 us per
@@ -35,6 +39,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from remem_common.protocol.envelope import MALFORMED_REASONS as MESSAGE_MALFORMED_REASONS
+from remem_common.protocol.envelope import ProtocolError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -88,6 +94,22 @@ MALFORMED_REASONS: tuple[str, ...] = (
     "write_too_large",
     "truncated",
 )
+
+
+# The peers whose replies the remote backend decodes.
+PEERS: tuple[str, ...] = ("pageserver", "placement", "mirror")
+
+
+class MalformedReplies:
+    """Replies that did not decode, by peer and reason; a plain dict, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = {(p, r): 0 for p in PEERS for r in MESSAGE_MALFORMED_REASONS}
+
+    def count(self, peer: str, exc: ProtocolError) -> None:
+        key = (peer, exc.reason)
+        if key in self.counts:
+            self.counts[key] += 1
 
 
 class NbdStats:

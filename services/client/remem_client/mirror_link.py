@@ -48,6 +48,8 @@ from remem_common.protocol.client_mirror import (
 from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 
+from remem_client.metrics import MalformedReplies
+
 log = logging.getLogger("client.mirror")
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
@@ -74,8 +76,10 @@ class MirrorLink:
         context: zmq.Context[zmq.Socket[bytes]],
         cache_bytes: int,
         timeout: float,
+        malformed: MalformedReplies | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._malformed = malformed
         self.timeout = timeout
         self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
         self._context = context
@@ -299,6 +303,8 @@ class MirrorLink:
             reply, payload = decode(frames, MIRROR_REPLY_ADAPTER)
         except ProtocolError as exc:
             log.warning("malformed reply from the mirror: %s", exc.detail)
+            if self._malformed is not None:
+                self._malformed.count("mirror", exc)
             return
         entry = self._waiting.pop(reply.parent_id, None)
         cached = self._cache.pop(reply.parent_id, None)

@@ -29,6 +29,7 @@ from remem_common.protocol.client_placement import (
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
 
+from remem_client.metrics import MalformedReplies
 from remem_client.remote_backend import RemoteBackend, Replica
 
 log = logging.getLogger("client.placement")
@@ -66,8 +67,10 @@ class PlacementClient:
         context: zmq.Context[zmq.Socket[bytes]],
         timeout: float = 5.0,
         poll_interval: float = 1.0,
+        malformed: MalformedReplies | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._malformed = malformed
         self.tenant = tenant
         self.volume = volume
         self.replicas = replicas
@@ -134,6 +137,8 @@ class PlacementClient:
                 reply, _ = decode(frames, REPLY_ADAPTER)
             except ProtocolError as exc:
                 log.warning("malformed reply from placement: %s", exc.detail)
+                if self._malformed is not None:
+                    self._malformed.count("placement", exc)
                 continue
             future = self._waiting.get(reply.parent_id)
             if future is not None and not future.done():

@@ -14,6 +14,7 @@ import zmq
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
 from remem_client.remote_backend import RemoteBackend
@@ -53,6 +54,15 @@ class _RemoteCollector(Collector):
         pages.add_metric(["read_zero"], stats.pages_read_zero)
         pages.add_metric(["written"], stats.pages_written)
         yield pages
+        if self._backend.malformed is not None:
+            malformed = CounterMetricFamily(
+                "client_malformed_messages",
+                "Replies from a page server, placement or the mirror that did not decode",
+                labels=["peer", "reason"],
+            )
+            for (peer, reason), count in list(self._backend.malformed.counts.items()):
+                malformed.add_metric([peer, reason], count)
+            yield malformed
         yield GaugeMetricFamily(
             "client_location_metadata_bytes",
             "Client memory holding page locations (written-page bitmap and slab map)",
@@ -112,6 +122,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
     """Connect to placement, adopt the volume's current map, and return the backend."""
     assert config.placement is not None  # the config validator requires it for "remote"
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    malformed = MalformedReplies()
     placement = PlacementClient(
         config.placement,
         tenant=config.tenant,
@@ -120,6 +131,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         context=context,
         timeout=config.placement_timeout,
         poll_interval=config.map_poll_interval,
+        malformed=malformed,
     )
     mirror = None
     if config.mirror:
@@ -128,6 +140,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
             context=context,
             cache_bytes=int(config.mirror_cache),
             timeout=config.mirror_timeout,
+            malformed=malformed,
         )
     backend = RemoteBackend(
         size=int(config.size),
@@ -138,6 +151,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         replica_timeout=config.replica_timeout,
         mirror=mirror,
         resync_interval=config.resync_interval,
+        malformed=malformed,
     )
 
     async def close_links() -> None:

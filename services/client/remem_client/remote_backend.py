@@ -46,6 +46,7 @@ from remem_common.protocol.pages import (
 
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
+from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
 
 log = logging.getLogger("client.remote")
@@ -125,6 +126,7 @@ class RemoteBackend:
         on_replica_failure: Callable[[str], None] | None = None,
         mirror: MirrorLink | None = None,
         resync_interval: float = 0.5,
+        malformed: MalformedReplies | None = None,
     ) -> None:
         if size % PAGE_SIZE:
             raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
@@ -134,6 +136,7 @@ class RemoteBackend:
         self._placement = placement
         self._context = context
         self._timeout = replica_timeout
+        self.malformed = malformed
         self._on_failure = on_replica_failure
         self.page_count = size // PAGE_SIZE
         self.slab_count = -(-self.page_count // SLAB_PAGES)
@@ -275,6 +278,7 @@ class RemoteBackend:
                 tenant=self.tenant,
                 volume=self.volume,
                 timeout=self._timeout,
+                malformed=self.malformed,
             )
             self._links[replica.server_id] = link
         return link

@@ -188,6 +188,7 @@ class PlacementLink:
                 reply, _ = decode(frames, PLACEMENT_REPLY_ADAPTER)
             except ProtocolError as exc:
                 log.warning("placement sent a malformed reply: %s", exc.detail)
+                _count_malformed(self._metrics, exc)
                 continue
             if self._pending is None or reply.parent_id != self._pending[0]:
                 continue
@@ -368,8 +369,7 @@ class PageServer:
             reply = self._handlers[msg.type](routing, msg, payload)
             failed = False
         except ProtocolError as exc:
-            if exc.reason in MALFORMED_REASONS:
-                self.metrics.malformed_by[exc.reason].inc()
+            _count_malformed(self.metrics, exc)
             reply = self._error(exc.code, exc.detail, exc.msg_id or msg_id)
         except NoSpaceError as exc:
             reply = self._error(ErrorCode.NO_SPACE, str(exc), msg_id)
@@ -481,7 +481,18 @@ class PageServer:
         self._expect_frames(payload, 0, msg.type)
         sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(msg.target_endpoint)
+        try:
+            sock.connect(msg.target_endpoint)
+        except zmq.ZMQError as exc:
+            # The protocol refuses endpoints libzmq cannot parse; this catches the rest. An
+            # unclosed socket would make context.term() hang at shutdown.
+            sock.close(linger=0)
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"target_endpoint {msg.target_endpoint!r}: {exc}",
+                reason="bad_fields",
+                msg_id=msg.msg_id,
+            ) from None
         now = time.monotonic()
         job = PushJob(
             routing=routing,
@@ -547,6 +558,7 @@ class PageServer:
             try:
                 reply, _ = decode(frames, PEER_REPLY_ADAPTER)
             except ProtocolError as exc:
+                _count_malformed(self.metrics, exc)
                 self._finish_push(job, ErrorCode.UNAVAILABLE, f"target answered badly: {exc}")
                 return
             if isinstance(reply, ErrorReply):
@@ -604,6 +616,12 @@ class PageServer:
             self.router.send_multipart([*job.routing, *reply], flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a push reply: the requester is not reading")
+
+
+def _count_malformed(metrics: PageServerMetrics, exc: ProtocolError) -> None:
+    """Count a message refused as malformed on any of the server's sockets."""
+    if exc.reason in MALFORMED_REASONS:
+        metrics.malformed_by[exc.reason].inc()
 
 
 def _crc_ok(

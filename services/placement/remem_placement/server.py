@@ -531,7 +531,16 @@ class PlacementServer:
             return None
         sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(server.endpoint)
+        try:
+            sock.connect(server.endpoint)
+        except zmq.ZMQError as exc:
+            # The protocol refuses endpoints libzmq cannot parse; should one slip through,
+            # this server gets no orders, and placement neither stops nor leaks the socket.
+            sock.close(linger=0)
+            log.warning(
+                "cannot connect server_id=%s endpoint=%s: %s", server_id, server.endpoint, exc
+            )
+            return None
         link = Link(server_id, server.endpoint, sock)
         self.links[server_id] = link
         self._link_of_socket[sock] = link

@@ -19,7 +19,9 @@ How a request travels, and why:
   clients (qemu-io, nbdcopy) work, and a page-based backend does its own
   read-modify-write. A WRITE's payload is always consumed first, so a
   refused write leaves the stream in sync; a WRITE longer than the 32 MiB maximum, or a
-  bad request magic, closes the connection (the spec allows a hard disconnect there).
+  bad request magic, closes the connection (the spec allows a hard disconnect there):
+  nothing after it is read, but the requests before it are still answered, as after
+  NBD_CMD_DISC, so a client learns the fate of every write it sent before the fault.
 * Backend calls: coroutines of an `eager` backend are started right in the socket
   callback and wrapped in a Task only if they suspend (`_Continue`); others get a Task
   each. Either way requests overlap and replies go out in completion order: a slow read
@@ -862,7 +864,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._stats.count_malformed(reason)
         log.info("nbd: closing connection: %s", detail)
         self._stop_input()
-        self._close()
+        self._close_once_idle()
 
     def begin_shutdown(self) -> None:
         """Server shutdown: finish requests in flight (new ones get ESHUTDOWN), then close."""

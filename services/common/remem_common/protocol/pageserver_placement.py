@@ -23,20 +23,41 @@ to `target_endpoint` (another page server) with `pageserver_peer` messages: the 
 A -> B and never passes through placement. The reply counts pages and bytes sent, or is an
 `error_reply` with `unavailable` if the target did not answer in time.
 
+Endpoints (`data_endpoint`, `target_endpoint`) must be connectable ZeroMQ addresses:
+`tcp://HOST:PORT` with a port 1..65535 and no wildcard, `ipc://PATH` or `inproc://NAME`; any
+other value is `malformed` (a DEALER's connect refuses it, so it could never be served).
+
 No payload frames on this boundary. Errors: `error_reply` (see `envelope`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
 from remem_common.protocol.envelope import Reply, Request
 
 ServerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
-Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://\S{1,250}$")]
+_TCP_ENDPOINT = re.compile(
+    r"^tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*):([0-9]{1,5})$"
+)
+
+
+def _connectable(endpoint: str) -> str:
+    """Refuse a tcp endpoint a DEALER cannot connect to (no port, a wildcard, port 0)."""
+    if endpoint.startswith("tcp://"):
+        match = _TCP_ENDPOINT.match(endpoint)
+        if match is None or not 0 < int(match.group(1)) < 65536:
+            raise ValueError("a tcp endpoint is tcp://HOST:PORT with a port 1..65535")
+    return endpoint
+
+
+Endpoint = Annotated[
+    str, Field(pattern=r"^(tcp|ipc|inproc)://\S{1,250}$"), AfterValidator(_connectable)
+]
 Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
 
 
