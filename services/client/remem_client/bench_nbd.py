@@ -1,7 +1,7 @@
 """Benchmark the NBD front end against `nbdkit memory` with fio's nbd engine.
 
     python -m remem_client.bench_nbd [--runtime 3] [--rounds 3] [--event-loop auto]
-                                     [--target memory|cluster|mirror]
+                                     [--target memory|cluster|mirror|encryption]
 
 Starts `nbdkit memory` and, with `--target memory`, `remem client --backend memory` (the NBD
 front end alone) or, with `--target cluster`, `remem up` (the whole system: placement, three
@@ -18,6 +18,9 @@ write at queue depth 8 (time-based, `--runtime` seconds each).
 `--target mirror` measures what the local mirror costs: the baseline is then `remem up
 --no-mirror` instead of nbdkit, against `remem up` with its mirror, on the write workloads
 (a read never touches the mirror while the replicas answer).
+
+`--target encryption` measures what page encryption costs: the baseline is `remem up
+--no-encrypt-pages` against `remem up` (AES-256-GCM of every page), on every workload.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def start_remem(
     if size[-1:] in ("K", "M", "G", "T"):
         size += "iB"  # nbdkit's 1G is 2**30 bytes; remem reads 1G as 10**9
     pid_dir = None
-    if target in ("cluster", "cluster-no-mirror"):
+    if target in ("cluster", "cluster-no-mirror", "cluster-plaintext"):
         state = directory / name
         pid_dir = state / "pids"
         args = [
@@ -128,6 +131,8 @@ def start_remem(
         ]  # fmt: skip
         if target == "cluster-no-mirror":
             args.append("--no-mirror")
+        if target == "cluster-plaintext":
+            args.append("--no-encrypt-pages")
         stream = "stdout"
     else:
         args = [
@@ -168,6 +173,11 @@ def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, 
             if target == "mirror":
                 started.append(
                     start_remem(Path(tmp), size, extra, "cluster-no-mirror", "no-mirror")
+                )
+                started.append(start_remem(Path(tmp), size, extra, "cluster"))
+            elif target == "encryption":
+                started.append(
+                    start_remem(Path(tmp), size, extra, "cluster-plaintext", "plaintext")
                 )
                 started.append(start_remem(Path(tmp), size, extra, "cluster"))
             else:
@@ -235,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target",
         default="memory",
-        choices=["memory", "cluster", "mirror"],
+        choices=["memory", "cluster", "mirror", "encryption"],
         help="memory: the NBD front end alone; cluster: remem up, 2 replicas on 3 servers; "
-        "mirror: remem up with its mirror against remem up --no-mirror (writes only)",
+        "mirror: remem up with its mirror against remem up --no-mirror (writes only); "
+        "encryption: remem up against remem up --no-encrypt-pages",
     )
     args = parser.parse_args(argv)
     for tool in ("nbdkit", "fio"):
