@@ -55,7 +55,7 @@ from remem_common.protocol.pages import (
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
 from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
-from remem_client.sealing import PageSealer
+from remem_client.sealing import PageSealer, SealingError
 
 log = logging.getLogger("client.remote")
 # Reads of up to this many pages within one slab take the plain-Python fast path.
@@ -639,7 +639,10 @@ class RemoteBackend:
         count = pages.shape[0]
         if self.sealer is not None:
             # Sealed once, the same ciphertext to every replica (one nonce per page-out).
-            pages, seals = self.sealer.seal(first, pages)
+            try:
+                pages, seals = self.sealer.seal(first, pages)
+            except (SealingError, OSError) as exc:  # the nonce state could not be advanced
+                raise BackendError(errno.EIO, f"cannot seal pages: {exc}") from exc
         else:
             seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)  # --no-encrypt-pages
         crcs = checksum_pages(pages)
