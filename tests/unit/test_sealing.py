@@ -7,15 +7,16 @@ import os
 import stat
 from pathlib import Path
 
+import crc32c
 import numpy as np
 import pytest
 from remem_client.sealing import (
     NONCE_LIMIT,
+    STATE_MAGIC,
     STATE_RECORD,
     NonceCounter,
     PageSealer,
     SealingError,
-    fill_nonces,
     open_page_sealer,
 )
 from remem_common.protocol.envelope import ErrorCode, ProtocolError
@@ -211,15 +212,19 @@ def test_the_nonce_space_ends_with_an_error(tmp_path: Path) -> None:
     counter.close()
 
 
-def test_nonces_across_the_64_bit_boundary() -> None:
-    seals = np.zeros((4, SEAL_BYTES), dtype=np.uint8)
-    fill_nonces(seals, (1 << 64) - 2)
-    values = [int.from_bytes(bytes(row[:12]), "little") for row in seals]
-    assert values == [(1 << 64) - 2 + i for i in range(4)]
-    fill_nonces(seals, (5 << 64) + 9)  # the vectorized path with high bits set
-    values = [int.from_bytes(bytes(row[:12]), "little") for row in seals]
-    assert values == [(5 << 64) + 9 + i for i in range(4)]
-    assert not seals[:, 12:].any()  # the tag bytes are left alone
+def test_nonces_across_the_64_bit_boundary(key_path: Path) -> None:
+    open_page_sealer(key_path, tenant="t", volume=0).close()
+    state = key_path.with_name("page.key.nonce")
+    mark = ((1 << 64) - 2).to_bytes(16, "little")
+    record = STATE_RECORD.pack(STATE_MAGIC, mark, crc32c.crc32c(STATE_MAGIC + mark))
+    state.write_bytes(record + bytes(STATE_RECORD.size))  # as if the counter got that far
+    sealer = open_page_sealer(key_path, tenant="t", volume=0)
+    plain = random_pages(4, 3)
+    cipher, seals = sealer.seal(0, plain)
+    nonces = [int.from_bytes(bytes(row[:12]), "little") for row in seals]
+    assert nonces == [(1 << 64) - 2 + i for i in range(4)]
+    out, failed = open_rows(sealer, 0, [0, 1, 2, 3], cipher, seals)
+    assert failed == [] and np.array_equal(out, plain)
 
 
 # -- the seal frame codec --------------------------------------------------------------

@@ -52,7 +52,9 @@ KEY_BYTES = 32
 # write path touches the disk about never, and a restart skips at most that many of 2**96.
 NONCE_BLOCK = 1 << 22
 NONCE_LIMIT = 1 << (8 * SEAL_NONCE_BYTES)
-_LOW64 = 1 << 64
+# A nonce: the counter's low 64 bits, then its high 32, little endian.
+_NONCE = struct.Struct("<QI")
+_LOW64_MASK = (1 << 64) - 1
 STATE_MAGIC = b"REMEMNC1"
 # magic, high-water mark (16 bytes little endian, < 2**96), CRC-32C of the two, padding.
 STATE_RECORD = struct.Struct("<8s16sI4x")
@@ -165,21 +167,6 @@ class NonceCounter:
             self._fd = -1
 
 
-def fill_nonces(seals: PageArray, first: int) -> None:
-    """Write nonces first, first + 1, ... (12 bytes little endian) into seals[:, :12]."""
-    count = seals.shape[0]
-    low, high = first % _LOW64, first // _LOW64
-    if low + count <= _LOW64:
-        # One vectorized fill: the low 64 bits count up, the high 32 are the same for all.
-        lows = np.arange(low, low + count, dtype=np.uint64).astype("<u8")
-        seals[:, :8] = lows.view(np.uint8).reshape(count, 8)
-        seals[:, 8:SEAL_NONCE_BYTES] = np.frombuffer(high.to_bytes(4, "little"), np.uint8)
-        return
-    for index in range(count):  # a batch across the 2**64 boundary: once per key, ever
-        nonce = (first + index).to_bytes(SEAL_NONCE_BYTES, "little")
-        seals[index, :SEAL_NONCE_BYTES] = np.frombuffer(nonce, np.uint8)
-
-
 class PageSealer:
     """AES-256-GCM of one device's pages: one cipher object, one call per page."""
 
@@ -203,7 +190,7 @@ class PageSealer:
         shapes (N, 4096) and (N, 28), fresh nonces in the seals."""
         count = plain.shape[0]
         seals = np.empty((count, SEAL_BYTES), dtype=np.uint8)
-        fill_nonces(seals, self._nonces.take(count))
+        nonce = self._nonces.take(count)
         # Each page's ciphertext and tag are written at its row with the tag spilling 16
         # bytes into the next row; the tag is copied out before the next page overwrites
         # it. So no per-page buffer, and the ciphertext rows are the frame that is sent.
@@ -215,6 +202,8 @@ class PageSealer:
         for index in range(count):
             page = first + index
             _AAD_TAIL.pack_into(aad, tail, page // SLAB_PAGES, page % SLAB_PAGES)
+            value = nonce + index
+            _NONCE.pack_into(seal_view, index * SEAL_BYTES, value & _LOW64_MASK, value >> 64)
             start = index * PAGE_SIZE
             end = start + PAGE_SIZE
             at = index * SEAL_BYTES
