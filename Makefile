@@ -12,7 +12,7 @@ DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfu
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
-        bench-pageserver bench-nbd bench-cluster bench-mirror bench-swap up clean
+        bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption bench-swap up clean
 
 install: $(STAMP)
 
@@ -79,6 +79,10 @@ bench-cluster: deps install
 # What the local mirror costs on the write path: remem up with and without it, same run.
 bench-mirror: deps install
 	$(PY) -m remem_client.bench_nbd --target mirror --size 512M
+
+# What page encryption costs: remem up with and without it (--no-encrypt-pages), same run.
+bench-encryption: deps install
+	$(PY) -m remem_client.bench_nbd --target encryption
 
 # The Linux kernel swapping a 1 GiB hog (128 MiB of RAM) to remem up and to nbdkit memory,
 # same run, every byte verified (root: nbdfuse, a loop device, a memory cgroup).

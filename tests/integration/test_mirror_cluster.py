@@ -77,6 +77,7 @@ class Cluster:
              "--placement", self.placement.ready["endpoint"],
              "--mirror", self.mirror.ready["endpoint"],
              "--nbd-socket", str(self.socket), "--metrics-port", "0",
+             "--page-key", str(self.state / "page.key"),
              "--replica-timeout", "0.5", "--no-lock-memory"],
         )  # fmt: skip
 

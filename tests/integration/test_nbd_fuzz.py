@@ -126,7 +126,7 @@ def start_remote(folder: Path) -> list[ServiceProcess]:
         args = ["client", "--backend", "remote", "--replicas", "2", "--size", str(SIZE),
                 "--placement", placement.ready["endpoint"],
                 "--nbd-socket", str(folder / "nbd.sock"), "--metrics-port", "0",
-                "--no-lock-memory"]  # fmt: skip
+                "--no-lock-memory", "--page-key", str(folder / "page.key")]  # fmt: skip
         return [start_service("client-fuzz", args), *started]
     except BaseException:
         for service in started:

@@ -17,7 +17,13 @@ from remem_common.framing import encode
 from remem_common.pageserver_client import PageServerClient, PageServerError
 from remem_common.protocol.client_pageserver import PutPagesRequest
 from remem_common.protocol.envelope import ErrorCode
-from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
+from remem_common.protocol.pages import (
+    PAGE_SIZE,
+    SEAL_BYTES,
+    SLAB_PAGES,
+    checksum_pages,
+    make_keys,
+)
 from remem_common.testing import ServiceProcess, scrape_metrics
 
 from ..conftest import StartPageServer
@@ -25,6 +31,11 @@ from ..conftest import StartPageServer
 
 def pages_of(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, PAGE_SIZE), dtype=np.uint8)
+
+
+def seals_of(count: int, seed: int) -> np.ndarray:
+    """Stand-ins for a client's nonces and tags: the server stores them unread."""
+    return np.random.default_rng(seed).integers(0, 256, (count, SEAL_BYTES), dtype=np.uint8)
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
@@ -127,10 +138,11 @@ def test_slab_push_goes_directly_between_servers(start_pageserver: StartPageServ
     count = 3000  # several push chunks
     pages_idx = np.random.default_rng(8).choice(SLAB_PAGES, count, replace=False)
     data = pages_of(count, 9)
+    seals = seals_of(count, 9)
     with client_of(source) as src, client_of(target) as dst:
-        src.put("t", 0, make_keys([7] * 1000, pages_idx[:1000]), data[:1000])
-        src.put("t", 0, make_keys([7] * 1000, pages_idx[1000:2000]), data[1000:2000])
-        src.put("t", 0, make_keys([7] * 1000, pages_idx[2000:]), data[2000:])
+        for start in (0, 1000, 2000):
+            part = slice(start, start + 1000)
+            src.put("t", 0, make_keys([7] * 1000, pages_idx[part]), data[part], seals[part])
         src.put("t", 0, make_keys([8], [0]), data[:1])  # another slab stays behind
         newer = pages_of(1, 10)
         dst.put("t", 0, make_keys([7], [pages_idx[0]]), newer)  # a live write raced ahead
@@ -141,8 +153,12 @@ def test_slab_push_goes_directly_between_servers(start_pageserver: StartPageServ
         assert np.array_equal(got[0], newer[0])  # the push did not overwrite the newer page
         assert np.array_equal(got[1:], data[1:1000])
         for start in (1000, 2000):
-            found, _, got = dst.get("t", 0, make_keys([7] * 1000, pages_idx[start : start + 1000]))
-            assert found.all() and np.array_equal(got, data[start : start + 1000])
+            part = slice(start, start + 1000)
+            keys = make_keys([7] * 1000, pages_idx[part])
+            found, _, got, got_seals = dst.get_sealed("t", 0, keys)
+            assert found.all() and np.array_equal(got, data[part])
+            # Each page's seal came along: its client can still decrypt the pushed copy.
+            assert np.array_equal(got_seals, seals[part])
         assert [(s.slab, s.pages) for s in dst.inventory().slabs] == [(7, count)]
         assert src.drop_slab("t", 0, 7) == count
         assert [(s.slab, s.pages) for s in src.inventory().slabs] == [(8, 1)]
@@ -173,11 +189,41 @@ def test_bad_checksum_stores_nothing(start_pageserver: StartPageServer) -> None:
             make_keys([0] * 4, range(4)),
             crcs,
             data,
+            seals_of(4, 1),
         )
         with pytest.raises(PageServerError) as refused:
             client.receive()
         assert refused.value.code == ErrorCode.BAD_CHECKSUM
         assert not client.get("t", 0, make_keys([0] * 4, range(4)))[0].any()
+
+
+def test_put_with_malformed_seals_is_refused_and_counted(
+    start_pageserver: StartPageServer,
+) -> None:
+    server = start_pageserver()
+    data = pages_of(4, 1)
+    cases = [
+        ([], "bad_frames"),  # a client from before seals: 3 frames
+        ([bytes(4 * SEAL_BYTES - 1)], "bad_payload"),
+        ([bytes(4 * SEAL_BYTES + 28)], "bad_payload"),
+        ([bytes(4 * SEAL_BYTES), b""], "bad_frames"),
+    ]
+    with client_of(server) as client:
+        for seal_frames, _reason in cases:
+            client.send(
+                PutPagesRequest(msg_id=1, tenant="t", volume=0, count=4),
+                make_keys([0] * 4, range(4)),
+                checksum_pages(data),
+                data,
+                *seal_frames,
+            )
+            with pytest.raises(PageServerError) as refused:
+                client.receive()
+            assert refused.value.code == ErrorCode.MALFORMED
+        assert not client.get("t", 0, make_keys([0] * 4, range(4)))[0].any()
+    metrics = scrape(server)
+    assert metrics['pageserver_malformed_messages_total{reason="bad_frames"}'] == 2
+    assert metrics['pageserver_malformed_messages_total{reason="bad_payload"}'] == 2
 
 
 def test_sigterm_finishes_queued_requests_and_exits_0(
@@ -196,6 +242,7 @@ def test_sigterm_finishes_queued_requests_and_exits_0(
                 make_keys([msg_id] * 64, range(64)),
                 crcs,
                 data,
+                seals_of(64, msg_id),
             )
         )
     server.proc.send_signal(signal.SIGTERM)

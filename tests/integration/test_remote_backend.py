@@ -11,12 +11,14 @@ import asyncio
 import errno
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 from remem_client.backend import BackendError
 from remem_client.remote_backend import RemoteBackend, Replica
+from remem_client.sealing import open_page_sealer
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES, SLAB_PAGES
 from remem_common.testing import ServiceProcess
 
@@ -45,13 +47,19 @@ class FixedPlacement:
 
 @pytest.fixture
 async def cluster(
-    start_pageserver: StartPageServer,
+    start_pageserver: StartPageServer, tmp_path: Path
 ) -> AsyncIterator[tuple[RemoteBackend, FixedPlacement, list[ServiceProcess]]]:
     servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(3)]
     placement = FixedPlacement(servers, replicas=2)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     backend = RemoteBackend(
-        size=SIZE, tenant="t", volume=0, placement=placement, context=context, replica_timeout=1.0
+        size=SIZE,
+        tenant="t",
+        volume=0,
+        placement=placement,
+        context=context,
+        replica_timeout=1.0,
+        sealer=open_page_sealer(tmp_path / "page.key", tenant="t", volume=0),
     )
     yield backend, placement, servers
     await backend.close()

@@ -585,7 +585,8 @@ def test_client_pageserver_link(
     nbd_socket = tmp_path / "nbd.sock"
     args = ["client", "--backend", "remote", "--replicas", "1", "--size", "64MiB",
             "--placement", placement.ready["endpoint"], "--nbd-socket", str(nbd_socket),
-            "--metrics-port", "0", "--no-lock-memory", "--replica-timeout", "600"]  # fmt: skip
+            "--metrics-port", "0", "--no-lock-memory", "--replica-timeout", "600",
+            "--page-key", str(tmp_path / "page.key")]  # fmt: skip
     client: ServiceProcess | None = None
     try:
         client = start_service("client-fuzz", args)
@@ -610,7 +611,9 @@ def test_client_pageserver_link(
         with RawNbd.unix(str(nbd_socket)).connect() as nbd:
             nbd.request(wire.Cmd.WRITE, 1, 8192, len(data), payload=data)
             routing, put, payload = next_data_request()
-            assert isinstance(put, PutPagesRequest) and bytes(payload[2]) == data
+            # Pages leave the client sealed: the fake stores and serves back the ciphertext.
+            assert isinstance(put, PutPagesRequest) and len(payload) == 4
+            assert len(bytes(payload[2])) == len(data) and bytes(payload[2]) != data
             examples = fuzz_summary.scaled(200)
             sent = send_paced(
                 fake.socket,
@@ -637,7 +640,8 @@ def test_client_pageserver_link(
                         GetPagesReply(msg_id=0, parent_id=get.msg_id, count=1),
                         b"\x01",
                         payload[1],
-                        data,
+                        payload[2],
+                        payload[3],
                     ),
                 ]
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from remem_client.config import ClientConfig
 from remem_common.config import bind_address, load_config
 from remem_pageserver.config import (
     ENV_PREFIX,
@@ -65,3 +66,21 @@ def test_endpoints() -> None:
     assert advertised_endpoint("tcp://127.0.0.1:5", None) == "tcp://127.0.0.1:5"
     assert advertised_endpoint("tcp://0.0.0.0:5", "tcp://ps-0.ps:5") == "tcp://ps-0.ps:5"
     assert advertised_endpoint("tcp://0.0.0.0:5", None).endswith(":5")
+
+
+def test_remote_client_needs_a_page_key_unless_told_not_to_encrypt(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["--backend", "remote", "--placement", "tcp://127.0.0.1:1", "--size", "64MiB",
+            "--nbd-socket", "/tmp/x.sock"]  # fmt: skip
+
+    def load_client(argv: list[str]) -> ClientConfig:
+        return load_config(ClientConfig, argv, prog="remem client", env_prefix="X_", environ={})
+
+    with pytest.raises(SystemExit) as exited:
+        load_client(base)
+    assert exited.value.code == 2
+    assert "--page-key FILE" in capsys.readouterr().err
+    keyed = load_client([*base, "--page-key", "/tmp/k"])
+    assert keyed.encrypt_pages is True and str(keyed.page_key) == "/tmp/k"
+    assert load_client([*base, "--no-encrypt-pages"]).encrypt_pages is False

@@ -7,8 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
-from remem_pageserver.store import SLOT_USED, ArenaError, NoSpaceError, PageStore
+from remem_common.protocol.pages import (
+    PAGE_SIZE,
+    SEAL_BYTES,
+    SLAB_PAGES,
+    checksum_pages,
+    make_keys,
+)
+from remem_pageserver.store import (
+    HEADER,
+    MAGIC,
+    SLOT_USED,
+    ArenaError,
+    NoSpaceError,
+    PageStore,
+    arena_layout,
+)
 
 
 def random_pages(count: int, seed: int = 0) -> np.ndarray:
@@ -18,6 +32,11 @@ def random_pages(count: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def arena(shm_dir: Path) -> Path:
     return shm_dir / "unit.arena"
+
+
+def seals_of(data: np.ndarray) -> np.ndarray:
+    """Stand-ins for a client's nonce and tag: distinct per page, opaque to the store."""
+    return np.ascontiguousarray(data[:, -SEAL_BYTES:])
 
 
 def put(
@@ -30,7 +49,13 @@ def put(
     overwrite: bool = True,
 ) -> tuple[int, int]:
     return store.put(
-        tenant, volume, make_keys(slabs, pages_idx), checksum_pages(data), data, overwrite=overwrite
+        tenant,
+        volume,
+        make_keys(slabs, pages_idx),
+        checksum_pages(data),
+        data,
+        seals_of(data),
+        overwrite=overwrite,
     )
 
 
@@ -44,6 +69,8 @@ def test_put_get_delete_across_slabs(arena: Path) -> None:
     assert np.array_equal(result.data[:3], data[[3, 1, 4]])
     assert not result.data[3].any() and result.crcs[3] == 0
     assert np.array_equal(result.crcs[:3], checksum_pages(data[[3, 1, 4]]))
+    assert np.array_equal(result.seals[:3], seals_of(data[[3, 1, 4]]))
+    assert not result.seals[3].any()
     assert store.used_pages == 6 and store.slab_count == 3
     assert store.delete("t", 0, make_keys([0, 0, 7], [1, 2, 0])) == 2
     assert store.inventory() == [("t", 0, 0, 1), ("t", 0, 5, 2), ("t", 0, 9, 1)]
@@ -107,6 +134,7 @@ def test_restart_rebuilds_index_byte_identical(arena: Path) -> None:
     result = reopened.get("t", 3, make_keys(slabs, pages_idx))
     assert result.found.tolist() == [False] * 10 + [True] * 90
     assert np.array_equal(result.data[10:], data[10:])
+    assert np.array_equal(result.seals[10:], seals_of(data[10:]))  # seals live in the arena
     # Freed slots are reusable after the restart.
     put(reopened, "t", [0] * 165, list(range(165)), random_pages(165, 5), volume=9)
     assert reopened.free_pages == 0
@@ -144,6 +172,7 @@ def test_push_semantics_keep_newer_pages(arena: Path) -> None:
     result = store.get("t", 0, make_keys([2, 2], [5, 6]))
     assert np.array_equal(result.data[0], newer[0])
     assert np.array_equal(result.data[1], older[1])
+    assert np.array_equal(result.seals, seals_of(np.stack([newer[0], older[1]])))
     assert store.slab_pages("t", 0, 2).tolist() == [5, 6]
     assert store.drop_slab("t", 0, 2) == 2
     assert store.used_pages == 0
@@ -161,3 +190,14 @@ def test_half_written_records_are_discarded_on_open(arena: Path) -> None:
     assert reopened.used_pages == 1
     assert reopened.free_pages == 7
     reopened.close()
+
+
+def test_format_1_arena_is_refused(arena: Path) -> None:
+    """Format 1 had no seals: its pages could not be decrypted, so it is not reused."""
+    store = PageStore(arena, 4)
+    store.close()
+    slots_offset, data_offset, _ = arena_layout(4)
+    with arena.open("r+b") as raw:
+        raw.write(HEADER.pack(MAGIC, 1, PAGE_SIZE, 4, slots_offset, data_offset))
+    with pytest.raises(ArenaError, match="not a remem arena of this format"):
+        PageStore(arena, 4)

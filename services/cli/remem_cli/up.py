@@ -1,6 +1,7 @@
 """`remem up`: the whole system on one machine, in the foreground.
 
-Starts placement, the page servers, the mirror (STATE_DIR/mirror.img) and the client as
+Starts placement, the page servers, the mirror (STATE_DIR/mirror.img) and the client (its
+page key in STATE_DIR/page.key, kept across runs so a restarted client still decrypts) as
 separate processes, each logging to STATE_DIR/logs/NAME.log, writes STATE_DIR/pids/NAME.pid,
 waits until every page server is registered with placement and the client serves NBD, then
 prints one line with `ready` and the NBD URI. SIGINT or SIGTERM stops them all, client first.
@@ -61,6 +62,12 @@ class UpConfig(ServiceConfig):
     mirror_path: Path | None = Field(
         default=None,
         description="file or block device of the mirror (default STATE_DIR/mirror.img)",
+    )
+    encrypt_pages: bool = Field(
+        default=True,
+        description="the client encrypts pages with the key STATE_DIR/page.key (kept across "
+        "runs, --forget too: the mirror and a restarted client need it); "
+        "--no-encrypt-pages only to measure the cost",
     )
     start_timeout: float = Field(default=180.0, gt=0, description="seconds for each start")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -168,6 +175,10 @@ class Cluster:
             "--log-level",
             cfg.log_level,
         ]
+        if cfg.encrypt_pages:
+            client_args += ["--page-key", str(cfg.state_dir / "page.key")]
+        else:
+            client_args.append("--no-encrypt-pages")
         if cfg.nbd_listen:
             client_args += ["--nbd-listen", cfg.nbd_listen]
         if cfg.mirror:

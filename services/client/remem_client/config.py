@@ -82,6 +82,17 @@ class ClientConfig(ServiceConfig):
     resync_interval: float = Field(
         0.5, gt=0, description="seconds between attempts to resync mirror-only pages"
     )
+    page_key: Path | None = Field(
+        None,
+        description="file of the 32-byte AES-256-GCM key that seals every page before it "
+        "leaves this host (created, mode 0600, if missing; its nonce state is kept in "
+        "FILE.nonce beside it); required with --backend remote unless --no-encrypt-pages",
+    )
+    encrypt_pages: bool = Field(
+        True,
+        description="encrypt and authenticate pages sent to page servers; "
+        "--no-encrypt-pages is only for measuring what that costs",
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint")
     metrics_port: int = Field(
         9102, ge=0, le=65535, description="Prometheus endpoint port (0 picks a free port)"
@@ -134,6 +145,11 @@ class ClientConfig(ServiceConfig):
                 raise ValueError("--backend remote needs --placement ENDPOINT")
             if self.size % PAGE_SIZE:
                 raise ValueError(f"--size must be a multiple of {PAGE_SIZE} for remote")
+            if self.encrypt_pages and self.page_key is None:
+                raise ValueError(
+                    "--backend remote needs --page-key FILE (pages are encrypted before they "
+                    "leave this host)"
+                )
         elif self.mirror:
             raise ValueError("--mirror needs --backend remote")
         return self

@@ -36,11 +36,13 @@ from remem_common.protocol.pages import (
     KEY_DTYPE,
     MAX_BATCH_PAGES,
     PAGE_SIZE,
+    SEAL_BYTES,
     KeyArray,
     PageArray,
     U32Array,
     unpack_crcs,
     unpack_pages,
+    unpack_seals,
 )
 
 from remem_client.metrics import MalformedReplies
@@ -82,15 +84,21 @@ class GetResult:
     caller asks, so the small-read fast path never touches numpy.
     """
 
-    __slots__ = ("count", "crc_raw", "data_raw", "found_raw")
+    __slots__ = ("count", "crc_raw", "data_raw", "found_raw", "seal_raw")
 
     def __init__(
-        self, count: int, found_raw: memoryview, crc_raw: memoryview, data_raw: memoryview
+        self,
+        count: int,
+        found_raw: memoryview,
+        crc_raw: memoryview,
+        data_raw: memoryview,
+        seal_raw: memoryview,
     ) -> None:
         self.count = count
         self.found_raw = found_raw
         self.crc_raw = crc_raw
         self.data_raw = data_raw
+        self.seal_raw = seal_raw
 
     @property
     def found(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
@@ -104,16 +112,22 @@ class GetResult:
     def data(self) -> PageArray:
         return unpack_pages(self.data_raw, self.count)
 
+    @property
+    def seals(self) -> PageArray:
+        return unpack_seals(self.seal_raw, self.count)
+
 
 @dataclass
 class _Batch:
-    """Pages gathered for one message: key, checksum and data arrays from several callers."""
+    """Pages gathered for one message: key, checksum, data and seal arrays from several
+    callers."""
 
     op: str
     # Contiguous buffers: numpy arrays from the general path, bytes from the fast path.
     keys: list[Any] = field(default_factory=list)
     crcs: list[Any] = field(default_factory=list)
     data: list[Any] = field(default_factory=list)
+    seals: list[Any] = field(default_factory=list)
     count: int = 0
     future: asyncio.Future[Any] | None = None
     # Global page numbers touched, as (first, last) spans: a page may appear only once in a
@@ -168,21 +182,27 @@ class PageServerLink:
 
     def submit_get(self, keys: Any, first: int, last: int) -> tuple[asyncio.Future[GetResult], int]:
         """Read pages; the future's GetResult holds this caller's rows from the second value."""
-        batch, start = self._join("get", keys, None, None, first, last)
+        batch, start = self._join("get", keys, None, None, None, first, last)
         assert batch.future is not None
         return batch.future, start
 
     def submit_put(
-        self, keys: KeyArray, crcs: U32Array, data: PageArray, first: int, last: int
+        self,
+        keys: KeyArray,
+        crcs: U32Array,
+        data: PageArray,
+        seals: PageArray,
+        first: int,
+        last: int,
     ) -> asyncio.Future[Any]:
         """Store pages (all or nothing on this server)."""
-        batch, _ = self._join("put", keys, crcs, data, first, last)
+        batch, _ = self._join("put", keys, crcs, data, seals, first, last)
         assert batch.future is not None
         return batch.future
 
     def submit_delete(self, keys: Any, first: int, last: int) -> asyncio.Future[Any]:
         """Free pages (trim)."""
-        batch, _ = self._join("delete", keys, None, None, first, last)
+        batch, _ = self._join("delete", keys, None, None, None, first, last)
         assert batch.future is not None
         return batch.future
 
@@ -215,6 +235,7 @@ class PageServerLink:
         keys: Any,
         crcs: Any,
         data: Any,
+        seals: Any,
         first: int,
         last: int,
     ) -> tuple[_Batch, int]:
@@ -238,6 +259,7 @@ class PageServerLink:
         if crcs is not None and data is not None:
             batch.crcs.append(crcs)
             batch.data.append(data)
+            batch.seals.append(seals)
         batch.count += count
         batch.spans.append((first, last))
         return batch, start
@@ -269,7 +291,8 @@ class PageServerLink:
             # b"".join takes any contiguous buffer: numpy arrays and bytes alike.
             crcs = batch.crcs[0] if len(batch.crcs) == 1 else b"".join(batch.crcs)
             data = batch.data[0] if len(batch.data) == 1 else b"".join(batch.data)
-            crcs_data = [crcs, data]
+            seals = batch.seals[0] if len(batch.seals) == 1 else b"".join(batch.seals)
+            crcs_data = [crcs, data, seals]
         header = page_request_header(
             _REQUEST_TYPE[batch.op], msg_id, self.tenant, self.volume, batch.count
         )
@@ -338,14 +361,15 @@ class PageServerLink:
             future.set_exception(ReplicaFailure(self.server_id, reply.error_code, reply.detail))
         elif isinstance(reply, GetPagesReply):
             count = reply.count
-            views = [memoryview(frame) for frame in payload[:3]]
-            if [view.nbytes for view in views] != [count, 4 * count, PAGE_SIZE * count]:
+            views = [memoryview(frame) for frame in payload]
+            expected = [count, 4 * count, PAGE_SIZE * count, SEAL_BYTES * count]
+            if [view.nbytes for view in views] != expected:
                 future.set_exception(
                     ReplicaFailure(self.server_id, ErrorCode.MALFORMED, "bad get reply lengths")
                 )
                 return
             try:
-                result = GetResult(count, views[0], views[1], views[2])
+                result = GetResult(count, views[0], views[1], views[2], views[3])
             except ProtocolError as exc:
                 future.set_exception(
                     ReplicaFailure(self.server_id, ErrorCode.MALFORMED, f"bad get reply: {exc}")

@@ -18,6 +18,7 @@ from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
 from remem_client.remote_backend import RemoteBackend
+from remem_client.sealing import PageSealer, SealingError, open_page_sealer
 from remem_client.server import StartupError
 
 log = logging.getLogger("client.remote")
@@ -63,6 +64,17 @@ class _RemoteCollector(Collector):
             for (peer, reason), count in list(self._backend.malformed.counts.items()):
                 malformed.add_metric([peer, reason], count)
             yield malformed
+        yield CounterMetricFamily(
+            "client_page_auth_failures_total",
+            "Pages read whose checksum matched but whose AES-GCM tag did not (altered or "
+            "misplaced ciphertext); each was read from another copy",
+            value=stats.auth_failures,
+        )
+        yield GaugeMetricFamily(
+            "client_page_encryption",
+            "1 if pages are encrypted before they leave this host",
+            value=1.0 if self._backend.sealer is not None else 0.0,
+        )
         yield GaugeMetricFamily(
             "client_location_metadata_bytes",
             "Client memory holding page locations (written-page bitmap and slab map)",
@@ -121,6 +133,18 @@ class _RemoteCollector(Collector):
 async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> RemoteBackend:
     """Connect to placement, adopt the volume's current map, and return the backend."""
     assert config.placement is not None  # the config validator requires it for "remote"
+    sealer: PageSealer | None = None
+    if config.encrypt_pages:
+        assert config.page_key is not None  # the config validator requires it
+        try:
+            sealer = open_page_sealer(config.page_key, tenant=config.tenant, volume=config.volume)
+        except SealingError as exc:
+            raise StartupError(str(exc)) from exc
+    else:
+        log.warning(
+            "--no-encrypt-pages: pages go to the page servers in plaintext, unauthenticated "
+            "(for measuring the cost of encryption only)"
+        )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     malformed = MalformedReplies()
     placement = PlacementClient(
@@ -149,6 +173,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         placement=placement,
         context=context,
         replica_timeout=config.replica_timeout,
+        sealer=sealer,
         mirror=mirror,
         resync_interval=config.resync_interval,
         malformed=malformed,

@@ -12,6 +12,13 @@ use, reported to placement, and the write completes on the rest. Reads go to one
 timeout, missing page or checksum mismatch. The kernel sees an error only when no copy is
 left.
 
+With a `sealing.PageSealer` (the default of `remem client`), pages are encrypted once per
+write, before the copies go out, and every page read is authenticated and decrypted after
+its checksum check; a page that fails authentication (altered, or served for another
+address) counts as a failure of that replica for that page, like a checksum mismatch, and
+is read from the next replica, then the mirror. The mirror is on this host and holds
+plaintext.
+
 With a local mirror (`mirror_link.MirrorLink`), every write is also queued to the mirror
 (write-behind, bounded cache). When no replica can store a write (network down), it goes
 to the mirror alone, durably, and its pages are marked in a second bitmap, `unreplicated`
@@ -39,6 +46,7 @@ import zmq
 from remem_common.protocol.pages import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
+    SEAL_BYTES,
     SLAB_PAGES,
     PageArray,
     checksum_pages,
@@ -48,6 +56,7 @@ from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
+from remem_client.sealing import PageSealer, SealingError
 
 log = logging.getLogger("client.remote")
 # Reads of up to this many pages within one slab take the plain-Python fast path.
@@ -102,6 +111,9 @@ class RemoteStats:
     pages_written_mirror_only: int = 0
     pages_resynced: int = 0
     resync_failures: int = 0
+    # Pages whose checksum matched but whose AES-GCM tag did not: altered by or on the way
+    # from a page server, or served for another address.
+    auth_failures: int = 0
 
 
 class RemoteBackend:
@@ -124,6 +136,7 @@ class RemoteBackend:
         context: zmq.Context[zmq.Socket[bytes]],
         replica_timeout: float,
         on_replica_failure: Callable[[str], None] | None = None,
+        sealer: PageSealer | None,
         mirror: MirrorLink | None = None,
         resync_interval: float = 0.5,
         malformed: MalformedReplies | None = None,
@@ -155,6 +168,7 @@ class RemoteBackend:
         self._failed: dict[str, float] = {}
         self._edge_locks: dict[int, asyncio.Lock] = {}
         self.stats = RemoteStats()
+        self.sealer = sealer
         self.mirror = mirror
         # Pages whose newest data only the mirror holds (written while the network was down).
         self._unreplicated: np.ndarray[Any, np.dtype[np.uint8]] | None = None
@@ -408,6 +422,12 @@ class RemoteBackend:
         for index in range(count):
             if crc32c.crc32c(data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]) != crcs[index]:
                 return None
+        if self.sealer is not None:
+            plain = bytearray(count * PAGE_SIZE)
+            seals = result.seal_raw[start * SEAL_BYTES : (start + count) * SEAL_BYTES]
+            if self.sealer.open_into(slab, range(page, page + count), data, seals, plain):
+                return None  # the general path fails over, counts and reports
+            data = memoryview(plain)
         self.stats.pages_read_remote += count
         return data
 
@@ -494,6 +514,8 @@ class RemoteBackend:
             good = found.copy()
             if good.any():
                 good[good] = checksum_pages(data[good]) == crcs[good]
+            if self.sealer is not None:
+                data = self._open(slab, sub, data, result.seals[start : start + sub.shape[0]], good)
             if good.all() and todo.all():
                 self.stats.pages_read_remote += wanted
                 return data
@@ -521,6 +543,41 @@ class RemoteBackend:
         raise BackendError(
             errno.EIO, f"{int(todo.sum())} pages of slab {slab} are on no live replica"
         )
+
+    def _open(
+        self,
+        slab: int,
+        keys: Any,
+        cipher: PageArray,
+        seals: PageArray,
+        good: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> PageArray:
+        """Decrypt the rows where `good` (checksum matched) into a new array; rows that fail
+        authentication are cleared from `good` and counted."""
+        assert self.sealer is not None
+        plain = np.empty(cipher.shape, dtype=np.uint8)
+        if good.all():
+            failed = self.sealer.open_into(slab, keys["page"].tolist(), cipher, seals, plain)
+            rows = np.asarray(failed, dtype=np.intp)
+        elif good.any():
+            picked = np.flatnonzero(good)
+            opened = np.empty((picked.size, PAGE_SIZE), dtype=np.uint8)
+            failed = self.sealer.open_into(
+                slab, keys["page"][picked].tolist(), cipher[picked], seals[picked], opened
+            )
+            plain[picked] = opened
+            rows = picked[np.asarray(failed, dtype=np.intp)]
+        else:
+            return plain
+        if rows.size:
+            good[rows] = False
+            self.stats.auth_failures += int(rows.size)
+            log.warning(
+                "%d pages of slab %d failed authentication (altered or misplaced ciphertext)",
+                rows.size,
+                slab,
+            )
+        return plain
 
     async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         end = offset + len(data)
@@ -594,6 +651,14 @@ class RemoteBackend:
 
     async def _write_pages(self, first: int, pages: PageArray) -> None:
         count = pages.shape[0]
+        if self.sealer is not None:
+            # Sealed once, the same ciphertext to every replica (one nonce per page-out).
+            try:
+                pages, seals = self.sealer.seal(first, pages)
+            except (SealingError, OSError) as exc:  # the nonce state could not be advanced
+                raise BackendError(errno.EIO, f"cannot seal pages: {exc}") from exc
+        else:
+            seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)  # --no-encrypt-pages
         crcs = checksum_pages(pages)
         waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any]]]]] = []
         for seg_first, seg_count in _slab_segments(first, count):
@@ -603,6 +668,7 @@ class RemoteBackend:
             keys = page_keys(seg_first, seg_count, SLAB_PAGES)
             rows = pages[offset : offset + seg_count]
             seg_crcs = crcs[offset : offset + seg_count]
+            seg_seals = seals[offset : offset + seg_count]
             futures = []
             for replica in self._write_targets(slab, replicas):
                 link = self._links.get(replica.server_id) or self._link(replica)
@@ -611,7 +677,12 @@ class RemoteBackend:
                         (
                             replica,
                             link.submit_put(
-                                keys, seg_crcs, rows, seg_first, seg_first + seg_count - 1
+                                keys,
+                                seg_crcs,
+                                rows,
+                                seg_seals,
+                                seg_first,
+                                seg_first + seg_count - 1,
                             ),
                         )
                     )
@@ -776,6 +847,8 @@ class RemoteBackend:
         self._links.clear()
         for closer in self.on_close:
             await closer()
+        if self.sealer is not None:
+            self.sealer.close()
 
 
 def _set_bits(bitmap: np.ndarray[Any, Any], first: int, count: int, value: bool) -> int:

@@ -24,12 +24,14 @@ from remem_common.protocol.client_pageserver import (
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import (
+    SEAL_BYTES,
     KeyArray,
     PageArray,
     U32Array,
     checksum_pages,
     unpack_crcs,
     unpack_pages,
+    unpack_seals,
 )
 from remem_common.protocol.pageserver_placement import (
     DropSlabReply,
@@ -88,8 +90,18 @@ class PageServerClient(RequestDealer):
 
     # -- page operations -------------------------------------------------------------------
 
-    def put(self, tenant: str, volume: int, keys: KeyArray, pages: PageArray) -> int:
+    def put(
+        self,
+        tenant: str,
+        volume: int,
+        keys: KeyArray,
+        pages: PageArray,
+        seals: PageArray | None = None,
+    ) -> int:
+        """Store pages as given; `seals` default to zeros (pages a client did not seal)."""
         crcs = checksum_pages(pages)
+        if seals is None:
+            seals = np.zeros((keys.shape[0], SEAL_BYTES), dtype=np.uint8)
         reply, _ = self.call(
             PutPagesRequest(
                 msg_id=self.next_id(), tenant=tenant, volume=volume, count=keys.shape[0]
@@ -97,6 +109,7 @@ class PageServerClient(RequestDealer):
             keys,
             crcs,
             np.ascontiguousarray(pages),
+            np.ascontiguousarray(seals),
         )
         assert isinstance(reply, PutPagesReply)
         return reply.stored
@@ -105,6 +118,13 @@ class PageServerClient(RequestDealer):
         self, tenant: str, volume: int, keys: KeyArray
     ) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], U32Array, PageArray]:
         """(found, checksums, data) for `keys`."""
+        found, crcs, data, _ = self.get_sealed(tenant, volume, keys)
+        return found, crcs, data
+
+    def get_sealed(
+        self, tenant: str, volume: int, keys: KeyArray
+    ) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], U32Array, PageArray, PageArray]:
+        """(found, checksums, data, seals) for `keys`."""
         count = keys.shape[0]
         reply, frames = self.call(
             GetPagesRequest(msg_id=self.next_id(), tenant=tenant, volume=volume, count=count),
@@ -112,7 +132,12 @@ class PageServerClient(RequestDealer):
         )
         assert isinstance(reply, GetPagesReply)
         found = np.frombuffer(frames[0], dtype=np.uint8).astype(np.bool_)
-        return found, unpack_crcs(frames[1], count), unpack_pages(frames[2], count)
+        return (
+            found,
+            unpack_crcs(frames[1], count),
+            unpack_pages(frames[2], count),
+            unpack_seals(frames[3], count),
+        )
 
     def delete(self, tenant: str, volume: int, keys: KeyArray) -> int:
         reply, _ = self.call(

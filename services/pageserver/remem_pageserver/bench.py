@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 from remem_common.pageserver_client import PageServerClient
 from remem_common.protocol.client_pageserver import GetPagesRequest, PutPagesRequest
-from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
+from remem_common.protocol.pages import (
+    PAGE_SIZE,
+    SEAL_BYTES,
+    SLAB_PAGES,
+    checksum_pages,
+    make_keys,
+)
 from remem_common.testing import start_service
 
 TENANT = "bench"
@@ -38,13 +44,15 @@ def rss_breakdown(pid: int) -> dict[str, int]:
 def put_batches(
     total: int, batch: int, data: np.ndarray[Any, Any], crcs: Any, client: PageServerClient
 ) -> Any:
+    # Random bytes where a client's nonces and tags go: the server stores them unread.
+    seals = np.random.default_rng(1).integers(0, 256, (batch, SEAL_BYTES), dtype=np.uint8)
     for start in range(0, total, batch):
         count = min(batch, total - start)
         index = np.arange(start, start + count)
         keys = make_keys(index // SLAB_PAGES, index % SLAB_PAGES)
         yield (
             PutPagesRequest(msg_id=client.next_id(), tenant=TENANT, volume=0, count=count),
-            (keys, crcs[:count], data[:count]),
+            (keys, crcs[:count], data[:count], seals[:count]),
         )
 
 

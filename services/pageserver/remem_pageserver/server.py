@@ -44,6 +44,7 @@ from remem_common.protocol.pages import (
     unpack_keys,
     unpack_page_indices,
     unpack_pages,
+    unpack_seals,
 )
 from remem_common.protocol.pageserver_peer import ReceiveSlabPagesReply, ReceiveSlabPagesRequest
 from remem_common.protocol.pageserver_placement import (
@@ -403,12 +404,13 @@ class PageServer:
     # -- data plane ------------------------------------------------------------------------
 
     def _put(self, routing: Frames, msg: PutPagesRequest, payload: list[Any]) -> Frames:
-        self._expect_frames(payload, 3, msg.type)
+        self._expect_frames(payload, 4, msg.type)
         keys = unpack_keys(payload[0], msg.count)
         crcs = unpack_crcs(payload[1], msg.count)
         pages = unpack_pages(payload[2], msg.count)
+        seals = unpack_seals(payload[3], msg.count)
         _verify(pages, crcs)
-        stored, _ = self.store.put(msg.tenant, msg.volume, keys, crcs, pages)
+        stored, _ = self.store.put(msg.tenant, msg.volume, keys, crcs, pages, seals)
         self.metrics.pages_in.inc(stored)
         return [DELIMITER, put_pages_reply_header(msg.msg_id, stored)]
 
@@ -423,6 +425,7 @@ class PageServer:
             result.found.view(np.uint8),
             result.crcs,
             result.data,
+            result.seals,
         ]
 
     def _delete(self, routing: Frames, msg: DeletePagesRequest, payload: list[Any]) -> Frames:
@@ -460,14 +463,15 @@ class PageServer:
     def _receive_slab(
         self, routing: Frames, msg: ReceiveSlabPagesRequest, payload: list[Any]
     ) -> Frames:
-        self._expect_frames(payload, 3, msg.type)
+        self._expect_frames(payload, 4, msg.type)
         pages_idx = unpack_page_indices(payload[0], msg.count)
         crcs = unpack_crcs(payload[1], msg.count)
         pages = unpack_pages(payload[2], msg.count)
+        seals = unpack_seals(payload[3], msg.count)
         _verify(pages, crcs)
         keys = make_keys(np.full(msg.count, msg.slab, dtype=np.uint32), pages_idx)
         stored, skipped = self.store.put(
-            msg.tenant, msg.volume, keys, crcs, pages, overwrite=msg.overwrite
+            msg.tenant, msg.volume, keys, crcs, pages, seals, overwrite=msg.overwrite
         )
         self.metrics.push_received_bytes.inc(stored * PAGE_SIZE)
         self.metrics.pages_in.inc(stored)
@@ -539,9 +543,14 @@ class PageServer:
                 slab=req.slab,
                 count=count,
             )
-            data = result.data[ok] if count != chunk.size else result.data
+            whole = count == chunk.size
+            data = result.data if whole else result.data[ok]
+            # The seals travel with their pages: the client decrypts a pushed copy as it
+            # would the original.
+            seals = result.seals if whole else result.seals[ok]
             job.socket.send_multipart(
-                encode(msg, np.ascontiguousarray(chunk[ok]), result.crcs[ok], data), copy=False
+                encode(msg, np.ascontiguousarray(chunk[ok]), result.crcs[ok], data, seals),
+                copy=False,
             )
             job.inflight[self._msg_id] = count
             job.sent_pages += count

@@ -7,12 +7,16 @@ Arena file (under /dev/shm by default, so it lives in RAM and outlives the proce
 
     offset 0        header (4 KiB): magic, format, page size, capacity, region offsets
     offset 4 KiB    tenant table: 1024 entries x 64 bytes (length byte + UTF-8 name)
-    slots_offset    slot table: capacity x 24-byte records (SLOT_DTYPE)
+    slots_offset    slot table: capacity x 48-byte records (SLOT_DTYPE)
     data_offset     page data: capacity x 4096 bytes, 4 KiB aligned
 
 A slot record says which (tenant, volume, slab, page) the page in the same-numbered data slot
-belongs to, and its CRC-32C. A page server killed with SIGKILL leaves the file intact (it is
-shared memory, not process memory); the next start rebuilds the in-RAM index from the slot
+belongs to, its CRC-32C, and its seal (the client's AES-GCM nonce and tag, 28 bytes, opaque
+here: kept in the arena so a restarted server still returns pages their client can decrypt).
+Format 2 added the seal (format 1 records were 24 bytes); a format 1 arena is refused.
+
+A page server killed with SIGKILL leaves the file intact (it is shared memory, not process
+memory); the next start rebuilds the in-RAM index from the slot
 table. Stores are ordered so that a kill mid-request leaves either the old page or a page whose
 checksum does not match (the reader then fails over); a request is only acknowledged after
 all its stores.
@@ -33,10 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, KeyArray, PageArray, U32Array
+from remem_common.protocol.pages import (
+    PAGE_SIZE,
+    SEAL_BYTES,
+    SLAB_PAGES,
+    KeyArray,
+    PageArray,
+    U32Array,
+)
 
 MAGIC = b"REMEMPS\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER = struct.Struct("<8sIIQQQ")  # magic, format, page size, capacity, slots_off, data_off
 HEADER_BYTES = 4096
 TENANT_ENTRIES = 1024
@@ -54,10 +65,10 @@ SLOT_DTYPE = np.dtype(
         ("slab", "<u4"),
         ("page", "<u4"),
         ("crc", "<u4"),
-        ("reserved", "<u4"),
+        ("seal", "u1", (SEAL_BYTES,)),
     ]
 )
-assert SLOT_DTYPE.itemsize == 24
+assert SLOT_DTYPE.itemsize == 48
 
 SlabKey = tuple[int, int, int]  # (tenant id, volume, slab)
 Int32Array = npt.NDArray[np.int32]
@@ -77,11 +88,13 @@ class ArenaError(StoreError):
 
 @dataclass(frozen=True)
 class GetResult:
-    """Pages read: found (bool each), checksums (0 where absent), data (zeros where absent)."""
+    """Pages read: found (bool each), checksums (0 where absent), data and seals (zeros where
+    absent)."""
 
     found: npt.NDArray[np.bool_]
     crcs: U32Array
     data: PageArray
+    seals: PageArray
 
 
 def _align(value: int, to: int = PAGE_SIZE) -> int:
@@ -300,6 +313,7 @@ class PageStore:
         keys: KeyArray,
         crcs: U32Array,
         pages: PageArray,
+        seals: PageArray,
         *,
         overwrite: bool = True,
     ) -> tuple[int, int]:
@@ -310,6 +324,7 @@ class PageStore:
             keys: (slab, page) of each page, no duplicates (the codec checks).
             crcs: CRC-32C of each page, already verified against `pages` by the caller.
             pages: (N, 4096) page data.
+            seals: (N, 28) seal of each page, stored as given.
             overwrite: False stores only pages not held yet (slab push onto a live replica).
 
         Returns:
@@ -333,6 +348,7 @@ class PageStore:
         if not overwrite:
             skipped = keys.shape[0] - new_count
             keys, crcs, pages = keys[missing], crcs[missing], pages[missing]
+            seals = seals[missing]
             slots, missing = slots[missing], np.ones(new_count, dtype=np.bool_)
         if new_count:
             top = self._free_top
@@ -344,8 +360,10 @@ class PageStore:
             self._slots["volume"][fresh] = volume
             self._slots["slab"][fresh] = keys["slab"][missing]
             self._slots["page"][fresh] = keys["page"][missing]
-        # Data before checksum: a kill in between leaves a mismatch the reader detects.
+        # Data and seal before checksum: a kill in between leaves a mismatch the reader
+        # detects.
         self._data[slots] = pages
+        self._slots["seal"][slots] = seals
         self._slots["crc"][slots] = crcs
         if new_count:
             self._slots["state"][slots[missing]] = SLOT_USED
@@ -371,19 +389,24 @@ class PageStore:
                 np.zeros(count, dtype=np.bool_),
                 np.zeros(count, dtype=np.uint32),
                 np.zeros((count, PAGE_SIZE), dtype=np.uint8),
+                np.zeros((count, SEAL_BYTES), dtype=np.uint8),
             )
         slots = self._lookup(tenant_id, volume, keys)
         found = slots >= 0
         if found.all():
             # One gather copy out of the arena: the reply owns its bytes, so a later write
             # to the same page cannot change data already handed to the socket.
-            return GetResult(found, self._slots["crc"][slots], self._data[slots])
+            return GetResult(
+                found, self._slots["crc"][slots], self._data[slots], self._slots["seal"][slots]
+            )
         data = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
         crcs = np.zeros(count, dtype=np.uint32)
+        seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)
         hit = slots[found]
         data[found] = self._data[hit]
         crcs[found] = self._slots["crc"][hit]
-        return GetResult(found, crcs, data)
+        seals[found] = self._slots["seal"][hit]
+        return GetResult(found, crcs, data, seals)
 
     def delete(self, tenant: str, volume: int, keys: KeyArray) -> int:
         """Free pages (trim); absent ones are ignored. Returns how many were freed."""

@@ -8,11 +8,12 @@ sends `[b"", header, payload...]`; the ROUTER adds the routing id.
 
 Messages and their payload frames (codecs in `protocol.pages`)
 -----------------------------------------------------------
-| request              | payload frames            | reply                            |
-|----------------------|---------------------------|----------------------------------|
-| put_pages_request    | keys, checksums, data     | put_pages_reply                  |
-| get_pages_request    | keys                      | get_pages_reply + found, checksums, data |
-| delete_pages_request | keys                      | delete_pages_reply               |
+| request              | payload frames               | reply                                  |
+|----------------------|------------------------------|----------------------------------------|
+| put_pages_request    | keys, checksums, data, seals | put_pages_reply                        |
+| get_pages_request    | keys                         | get_pages_reply + found, checksums,    |
+|                      |                              | data, seals                            |
+| delete_pages_request | keys                         | delete_pages_reply                     |
 
 Every request names `tenant`, `volume` and `count` (1..1024 pages). Keys are
 (slab u32, page u32) pairs; a page index is < 16384 (a slab is 64 MiB); one batch may span
@@ -22,7 +23,14 @@ slabs but holds each page once.
   reply is `no_space` and nothing changes (nothing is ever evicted to make room). A page whose
   CRC-32C does not match its checksum fails the whole batch with `bad_checksum`.
 - GET answers with `found` (N x u8: 1 stored, 0 absent), the stored checksums (0 where
-  absent) and N x 4096 bytes (zeros where absent). The reader verifies checksums itself.
+  absent), N x 4096 bytes (zeros where absent) and the stored seals (zeros where absent).
+  The reader verifies checksums itself.
+- Seals (N x 28 bytes: AES-GCM nonce and tag, `protocol.pages.SEAL_BYTES`) are the
+  client's: the page server stores each beside its page and returns it unread. The client
+  encrypts every page before it leaves its host and authenticates it on the way back, so
+  a page server holds only ciphertext; its checksums are over the bytes it holds (the
+  ciphertext), so it still detects its own corruption without the key. The seals frame is
+  new since arena format 2: a 3-frame PUT (an older client) is refused as `malformed`.
 - DELETE (trim) frees the pages; absent pages are not an error. The reply counts the freed.
 
 Pages belong to their tenant: a key is only ever looked up under the request's tenant, so no
@@ -53,7 +61,7 @@ PageCount = Annotated[int, Field(ge=1, le=MAX_BATCH_PAGES)]
 
 
 class PutPagesRequest(Request):
-    """Store `count` pages. Payload: keys, checksums, data."""
+    """Store `count` pages. Payload: keys, checksums, data, seals."""
 
     type: Literal["put_pages_request"] = "put_pages_request"
     tenant: Tenant
@@ -76,7 +84,8 @@ class GetPagesRequest(Request):
 
 
 class GetPagesReply(Reply):
-    """Payload: found (u8 each), checksums (u32 each), data (4096 bytes each)."""
+    """Payload: found (u8 each), checksums (u32 each), data (4096 bytes each), seals (28
+    bytes each)."""
 
     type: Literal["get_pages_reply"] = "get_pages_reply"
     count: int = Field(ge=0)

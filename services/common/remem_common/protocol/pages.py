@@ -1,11 +1,16 @@
 """Binary payload codecs for page batches: keys, checksums and page data as flat arrays.
 
-Pages are never Python objects one by one: a batch of N pages is three arrays, each one
-frame on the wire and one numpy view on arrival (no copy):
+Pages are never Python objects one by one: a batch of N pages is a few flat arrays, each
+one frame on the wire and one numpy view on arrival (no copy):
 
 - keys:      N x (slab u32, page u32) little-endian, `KEY_DTYPE`, 8 bytes a page
-- checksums: N x u32 little-endian CRC-32C of each page's 4096 bytes
+- checksums: N x u32 little-endian CRC-32C of each page's 4096 bytes (as sent: the
+             ciphertext when the client encrypts)
 - data:      N x 4096 bytes, the pages back to back
+- seals:     N x 28 bytes, `SEAL_BYTES`: per page the client's AES-GCM nonce (12 bytes) and
+             tag (16 bytes), opaque to the page server, which stores and returns them beside
+             the page; all zeros from a client that does not encrypt (see
+             `remem_client.sealing`)
 
 Why one data frame of N x 4096 bytes rather than N frames of 4096: the receiver then does a
 single vectorized copy into its arena (or out of it) and ZeroMQ one allocation, instead of N
@@ -40,6 +45,11 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 KEY_DTYPE = np.dtype([("slab", "<u4"), ("page", "<u4")])
 CRC_DTYPE = np.dtype("<u4")
+# Nonce and tag of a page sealed with AES-256-GCM: carried and stored, never read, by the
+# page servers.
+SEAL_NONCE_BYTES = 12
+SEAL_TAG_BYTES = 16
+SEAL_BYTES = SEAL_NONCE_BYTES + SEAL_TAG_BYTES
 
 KeyArray = npt.NDArray[np.void]
 U32Array = npt.NDArray[np.uint32]
@@ -117,6 +127,15 @@ def unpack_pages(frame: Any, count: int) -> PageArray:
         raise _bad(f"data frame of {view.nbytes} bytes is not {count} pages of {PAGE_SIZE}")
     pages: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, PAGE_SIZE)
     return pages
+
+
+def unpack_seals(frame: Any, count: int) -> PageArray:
+    """View a seals frame as a (count, 28) uint8 array; refuses any other length."""
+    view = memoryview(frame)
+    if view.nbytes != count * SEAL_BYTES:
+        raise _bad(f"seals frame of {view.nbytes} bytes is not {count} seals of {SEAL_BYTES}")
+    seals: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, SEAL_BYTES)
+    return seals
 
 
 def checksum_pages(pages: PageArray) -> U32Array:

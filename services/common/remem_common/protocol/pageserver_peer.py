@@ -7,7 +7,9 @@ the target's data ROUTER and streams the slab as `receive_slab_pages_request` ch
 bounded window of them in flight, each answered by `receive_slab_pages_reply`.
 
 Payload frames of `receive_slab_pages_request`: page indices (count x u32, within the slab),
-checksums (count x u32 CRC-32C), data (count x 4096 bytes); codecs in `protocol.pages`.
+checksums (count x u32 CRC-32C), data (count x 4096 bytes), seals (count x 28 bytes: each
+page's nonce and tag as its client sent them, so a re-replicated page still decrypts);
+codecs in `protocol.pages`.
 
 Ordering with live writes: a client may write a page to the target (already its replica in
 the new map) while the push is in flight; the pushed copy is older. So the target stores a
@@ -30,7 +32,7 @@ from remem_common.protocol.pageserver_placement import ServerId
 
 
 class ReceiveSlabPagesRequest(Request):
-    """One chunk of a slab push. Payload: page indices, checksums, data."""
+    """One chunk of a slab push. Payload: page indices, checksums, data, seals."""
 
     type: Literal["receive_slab_pages_request"] = "receive_slab_pages_request"
     source_server: ServerId
