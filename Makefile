@@ -12,7 +12,8 @@ DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfu
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
-        bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption bench-swap up clean
+        test-faults bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption \
+        bench-swap up clean
 
 install: $(STAMP)
 
@@ -41,7 +42,7 @@ typecheck: install
 
 # The default suite: unit + integration, real processes on loopback.
 test: deps install lint typecheck
-	$(PYTEST) -m "not slow and not root and not bench" -q
+	$(PYTEST) -m "not slow and not root and not bench and not faults" -q
 
 test-unit: install
 	$(PYTEST) tests/unit -q
@@ -50,10 +51,15 @@ test-integration: deps install
 	$(PYTEST) tests/integration -m "not slow and not root and not bench" -q
 
 test-slow: deps install
-	$(PYTEST) -m "slow and not root" -q
+	$(PYTEST) -m "slow and not root and not faults" -q
 
 test-root: deps install
-	$(PYTEST) -m "root" -q
+	$(PYTEST) -m "root and not faults" -q
+
+# Processes killed, paused, cut off (network namespaces: those tests need root and skip
+# without it) and arenas corrupted, under verifying NBD workloads; see tests/faults.
+test-faults: deps install
+	$(PYTEST) tests/faults -m faults -q --durations=0
 
 # The fuzzers with large counts (the default suite runs the same tests small): 3000 examples
 # per NBD test and backend (handshakes + request bursts on the memory and the remote

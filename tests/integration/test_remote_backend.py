@@ -41,7 +41,9 @@ class FixedPlacement:
         count = len(self.servers)
         return [self.servers[(slab + i) % count] for i in range(self.replicas)]
 
-    def report_failure(self, server_id: str, slab: int, detail: str) -> None:
+    def report_failure(
+        self, server_id: str, slab: int, detail: str, *, missed_write: bool = False
+    ) -> None:
         self.failures.append((server_id, slab))
 
 

@@ -272,3 +272,31 @@ def test_a_push_waits_until_clients_see_its_target() -> None:
     assert cluster.plan(1.0, 101.0) == ([], [])
     assert cluster.plan(5.9, 101.0) == ([], [])
     assert [p.key for p in cluster.plan(6.1, 101.0)[0]] == [("u", 0, 0)]
+
+
+def test_a_replica_that_missed_a_write_leaves_the_slab_and_is_replaced() -> None:
+    cluster = cluster_of(FOUR)
+    key = ("t", 0, 0)
+    cluster.allocate(key, 2, now=0.0, wall=101.0)  # a1, b1
+    epoch = cluster.epoch
+    assert cluster.missed_write("b1", key, now=0.1) == [Drop("b1", key)]
+    assert cluster.slabs[key].replicas == ["a1"]
+    assert key not in cluster.held_by("b1")
+    assert cluster.epoch > epoch
+    (push,), _ = cluster.plan(0.2, 101.0)
+    assert push.source == "a1"
+    # The last replica stays, stale or not: it is all there is.
+    assert cluster.missed_write("a1", key, now=0.3) == [Drop(push.target, key)]
+    assert cluster.slabs[key].replicas == ["a1"]
+    assert cluster.slabs[key].filling == []  # the push from it was abandoned
+    assert cluster.missed_write("a1", ("t", 0, 9), now=0.4) == []  # unknown slab
+
+
+def test_a_push_target_that_missed_a_write_is_abandoned() -> None:
+    cluster = cluster_of(FOUR)
+    key = ("t", 0, 0)
+    cluster.allocate(key, 1, now=0.0, wall=101.0)
+    cluster.slabs[key].target = 2
+    (push,), _ = cluster.plan(0.1, 101.0)
+    assert cluster.missed_write(push.target, key, now=0.2) == [Drop(push.target, key)]
+    assert cluster.view(key).filling == [] and cluster.pushes == {}

@@ -182,11 +182,13 @@ class PlacementClient:
             return _replicas(reply.replicas)
         raise PlacementError(ErrorCode.UNAVAILABLE, "placement stayed unavailable")
 
-    def report_failure(self, server_id: str, slab: int, detail: str) -> None:
+    def report_failure(
+        self, server_id: str, slab: int, detail: str, *, missed_write: bool = False
+    ) -> None:
         """Tell placement (in the background) and re-read the map soon."""
-        self._spawn(self._report(server_id, slab, detail))
+        self._spawn(self._report(server_id, slab, detail, missed_write))
 
-    async def _report(self, server_id: str, slab: int, detail: str) -> None:
+    async def _report(self, server_id: str, slab: int, detail: str, missed_write: bool) -> None:
         msg_id = next(self._ids)
         try:
             reply = await self._call(
@@ -197,10 +199,13 @@ class PlacementClient:
                     slab=slab,
                     server_id=server_id,
                     detail=detail[:512],
+                    missed_write=missed_write,
                 ),
                 msg_id,
             )
             log.info("reported %s to placement: now %s", server_id, reply.server_state)
+            if missed_write and self._backend is not None:
+                self._backend.stale_reported(server_id, slab, reply.epoch)
         except PlacementError as exc:
             log.warning("could not report %s to placement: %s", server_id, exc)
         self._refresh.set()
@@ -232,6 +237,7 @@ class PlacementClient:
         self._backend.keep_only_servers(set(reply.servers))
         self.degraded = list(reply.degraded)
         self.epoch = reply.epoch
+        self._backend.map_applied(reply.epoch)
         log.info(
             "applied slab map epoch=%d slabs=%d degraded=%d",
             reply.epoch,

@@ -48,6 +48,22 @@ class _RemoteCollector(Collector):
             "Requests a replica failed (error or timeout), reported to placement",
             value=stats.replica_failures,
         )
+        yield CounterMetricFamily(
+            "client_replica_missed_writes_total",
+            "Replicas found to have missed a write of a slab another replica stored (stale "
+            "copies: not read, reported to placement, which replaces them)",
+            value=stats.missed_writes,
+        )
+        repairs = CounterMetricFamily(
+            "client_read_repairs_total",
+            "Pages written back to a replica that served them corrupt or missing, by result "
+            "(skipped: a write to the slab was in flight, or too many repairs were)",
+            labels=["result"],
+        )
+        repairs.add_metric(["ok"], stats.read_repairs)
+        repairs.add_metric(["failed"], stats.read_repairs_failed)
+        repairs.add_metric(["skipped"], stats.read_repairs_skipped)
+        yield repairs
         pages = CounterMetricFamily(
             "client_pages_total", "Pages moved by the remote backend", labels=["kind"]
         )

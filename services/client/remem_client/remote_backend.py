@@ -7,10 +7,15 @@ ids of its replicas. That is 32 KiB per GiB of device for the bits plus a few by
 
 Writes go to every live replica of the slab at once, batched with other requests of the same
 loop turn, and complete when all of them acknowledged; a replica that fails is dropped from
-use, reported to placement, and the write completes on the rest. Reads go to one replica
-(spread over a slab's replicas by slab number) and fail over, page by page, on an error,
-timeout, missing page or checksum mismatch. The kernel sees an error only when no copy is
-left.
+use, reported to placement, and the write completes on the rest (at least one replica, not
+just a push target, must store it). A replica that missed a write another replica stored
+(it failed it, timed out, or was skipped while backing off) holds a stale copy even once it
+answers again: it is not read for that slab any more and is reported to placement with
+`missed_write`, which replaces it. Reads go to one replica (spread over a slab's replicas by
+slab number) and fail over, page by page, on an error, timeout, missing page or checksum
+mismatch. The kernel sees an error only when no copy is left. A replica that served a page
+corrupt (or lacked a page known to be written) gets the good copy written back in the
+background (read repair, see `_read_repair`).
 
 With a `sealing.PageSealer` (the default of `remem client`), pages are encrypted once per
 write, before the copies go out, and every page read is authenticated and decrypted after
@@ -48,7 +53,9 @@ from remem_common.protocol.pages import (
     PAGE_SIZE,
     SEAL_BYTES,
     SLAB_PAGES,
+    KeyArray,
     PageArray,
+    U32Array,
     checksum_pages,
 )
 
@@ -76,6 +83,8 @@ def _interleave(slab: int, page: int, count: int) -> list[int]:
 # Seconds a replica that failed a request is left alone before it is tried again (unless
 # placement's map drops it first).
 FAILURE_BACKOFF = 5.0
+# Pages of read repair in flight at most (16 MiB): past it, repairs are skipped (counted).
+REPAIR_PAGES_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -93,8 +102,12 @@ class SlabPlacement(Protocol):
         """The replicas of `slab`, allocating them on first use."""
         ...
 
-    def report_failure(self, server_id: str, slab: int, detail: str) -> None:
-        """Tell placement a replica failed a request (fire and forget)."""
+    def report_failure(
+        self, server_id: str, slab: int, detail: str, *, missed_write: bool = False
+    ) -> None:
+        """Tell placement a replica failed a request (fire and forget); `missed_write`: it
+        did not store a write of the slab that another replica stored (its copy is stale).
+        The placement client calls `RemoteBackend.stale_reported` with the reply's epoch."""
         ...
 
 
@@ -114,6 +127,13 @@ class RemoteStats:
     # Pages whose checksum matched but whose AES-GCM tag did not: altered by or on the way
     # from a page server, or served for another address.
     auth_failures: int = 0
+    # Pages written back to a replica that served them corrupt or missing (read repair),
+    # repairs that failed, and repairs skipped (a write to the slab was in flight, or the
+    # bound on repairs in flight was reached).
+    read_repairs: int = 0
+    missed_writes: int = 0
+    read_repairs_failed: int = 0
+    read_repairs_skipped: int = 0
 
 
 class RemoteBackend:
@@ -167,6 +187,15 @@ class RemoteBackend:
         # still lists it (a dead one leaves the map and is forgotten then).
         self._failed: dict[str, float] = {}
         self._edge_locks: dict[int, asyncio.Lock] = {}
+        # Per slab: writes and trims ever started, and those in flight (read repair checks
+        # them, see _read_repair); pages of read repair in flight.
+        self._slab_writes = [0] * self.slab_count
+        self._slab_writing = [0] * self.slab_count
+        self._repairing = 0
+        # slab -> {server id: [when reported, epoch of placement's reply or None]}: replicas
+        # that missed a write of the slab (stale copies). Not read from until placement's
+        # map, at or after the reply's epoch, shows what it made of the report.
+        self._stale: dict[int, dict[str, list[Any]]] = {}
         self.stats = RemoteStats()
         self.sealer = sealer
         self.mirror = mirror
@@ -333,6 +362,56 @@ class RemoteBackend:
     def _write_targets(self, slab: int, replicas: list[Replica]) -> list[Replica]:
         return self._live([*replicas, *self._slab_filling[slab]])
 
+    def _readable(self, slab: int, replicas: list[Replica]) -> list[Replica]:
+        """Live replicas of `slab` without a missed write; all live ones if that is none
+        (a stale copy is then all there is)."""
+        live = self._live(replicas)
+        stale = self._stale.get(slab)
+        if not stale:
+            return live
+        fresh = [r for r in live if r.server_id not in stale]
+        return fresh or live
+
+    def _missed_write(self, slab: int, server_id: str) -> None:
+        """`server_id` did not store a write of `slab` that another replica stored: its
+        copy is stale. Stop reading it and tell placement, which replaces it."""
+        marks = self._stale.setdefault(slab, {})
+        mark = marks.get(server_id)
+        now = time.monotonic()
+        if mark is not None and (mark[1] is not None or now - mark[0] < FAILURE_BACKOFF):
+            return  # reported already (and answered, or not long ago)
+        if mark is None:
+            log.warning(
+                "replica %s missed a write of slab %d: not read until replaced", server_id, slab
+            )
+            self.stats.missed_writes += 1
+        marks[server_id] = [now, None]
+        self._placement.report_failure(server_id, slab, "missed a write", missed_write=True)
+
+    def stale_reported(self, server_id: str, slab: int, epoch: int) -> None:
+        """Placement answered a missed-write report at map `epoch`."""
+        mark = self._stale.get(slab, {}).get(server_id)
+        if mark is not None and mark[1] is None:
+            mark[1] = epoch
+
+    def map_applied(self, epoch: int) -> None:
+        """After a map at `epoch` was applied: forget stale marks placement has acted on
+        (the server left the slab, or the map is at or past the report's answer: it was
+        kept as the last copy, or replaced and filled anew), report unanswered ones again."""
+        now = time.monotonic()
+        for slab, marks in list(self._stale.items()):
+            listed = {r.server_id for r in self._slab_replicas[slab] or []}
+            for server_id, (reported, answered) in list(marks.items()):
+                if server_id not in listed or (answered is not None and epoch >= answered):
+                    del marks[server_id]
+                elif answered is None and now - reported >= FAILURE_BACKOFF:
+                    marks[server_id] = [now, None]
+                    self._placement.report_failure(
+                        server_id, slab, "missed a write", missed_write=True
+                    )
+            if not marks:
+                del self._stale[slab]
+
     def _replica_failed(self, failure: ReplicaFailure, slab: int) -> None:
         self.stats.replica_failures += 1
         if failure.server_id not in self._failed:
@@ -393,7 +472,7 @@ class RemoteBackend:
         replicas = self._slab_replicas[slab]
         if bits != (1 << count) - 1 or replicas is None:
             return None
-        live = self._live(replicas)
+        live = self._readable(slab, replicas)
         if not live:
             return None
         replica = live[slab % len(live)]
@@ -493,7 +572,13 @@ class RemoteBackend:
         wanted = keys.shape[0]
         rows = np.empty((wanted, PAGE_SIZE), dtype=np.uint8)
         todo = np.ones(wanted, dtype=np.bool_)
-        live = self._live(replicas)
+        # Replicas that served some of these pages damaged, for read repair (see
+        # _read_repair), and whether the slab saw no write from the read's start on.
+        to_repair: list[tuple[Replica, np.ndarray[Any, np.dtype[np.intp]]]] = []
+        repair_rows: PageArray | None = None
+        repair_seals = np.zeros((0, SEAL_BYTES), dtype=np.uint8)
+        write_mark = self._slab_write_mark(slab)
+        live = self._readable(slab, replicas)
         # Spread reads over a slab's replicas: slab n prefers its (n mod k)-th replica.
         if live:
             shift = slab % len(live)
@@ -514,16 +599,35 @@ class RemoteBackend:
             good = found.copy()
             if good.any():
                 good[good] = checksum_pages(data[good]) == crcs[good]
+            cipher = data
+            seals = result.seals[start : start + sub.shape[0]]
             if self.sealer is not None:
-                data = self._open(slab, sub, data, result.seals[start : start + sub.shape[0]], good)
+                data = self._open(slab, sub, data, seals, good)
             if good.all() and todo.all():
                 self.stats.pages_read_remote += wanted
                 return data
             positions = np.flatnonzero(todo)
             rows[positions[good]] = data[good]
             todo[positions[good]] = False
+            if to_repair:
+                # What this replica serves intact goes back, as it is on the wire (sealed),
+                # to the replicas that served it damaged.
+                if repair_rows is None:
+                    repair_rows = np.empty((wanted, PAGE_SIZE), dtype=np.uint8)
+                    repair_seals = np.zeros((wanted, SEAL_BYTES), dtype=np.uint8)
+                repair_rows[positions[good]] = cipher[good]
+                repair_seals[positions[good]] = seals[good]
+            # Pages this replica should hold and does not serve intact: a bad checksum, or
+            # missing where the page is known to be written (not in an adopted slab).
+            damaged = ~good if not self._slab_unknown[slab] else found & ~good
+            if damaged.any():
+                to_repair.append((replica, positions[damaged]))
             if not todo.any():
                 self.stats.pages_read_remote += wanted
+                if to_repair and repair_rows is not None:
+                    self._read_repair(
+                        slab, first, count, keys, repair_rows, repair_seals, to_repair, write_mark
+                    )
                 return rows
             if attempt + 1 < len(live):
                 self.stats.failovers += 1
@@ -578,6 +682,76 @@ class RemoteBackend:
                 slab,
             )
         return plain
+
+    def _slab_write_mark(self, slab: int) -> int | None:
+        """The slab's write count if no write or trim of it is in flight, else None."""
+        return None if self._slab_writing[slab] else self._slab_writes[slab]
+
+    def _read_repair(
+        self,
+        slab: int,
+        first: int,
+        count: int,
+        keys: KeyArray,
+        rows: PageArray,
+        seals: PageArray,
+        damaged: list[tuple[Replica, np.ndarray[Any, np.dtype[np.intp]]]],
+        write_mark: int | None,
+    ) -> None:
+        """Write the good copies of pages back to replicas that served them corrupt or not
+        at all, in the background (the read does not wait), bounded by REPAIR_PAGES_MAX.
+
+        Only when the slab had no write or trim in flight when the read started and none
+        since (`write_mark`): then the good copy is the newest acknowledged data, and any
+        later write to the replica is sent after the repair on the same link, so the repair
+        can never put older data over a newer write. Otherwise it is skipped; the next read
+        of the page tries again.
+        """
+        pages = sum(int(positions.size) for _, positions in damaged)
+        if write_mark is None or self._slab_write_mark(slab) != write_mark:
+            self.stats.read_repairs_skipped += pages
+            return
+        if self._repairing + pages > REPAIR_PAGES_MAX:
+            self.stats.read_repairs_skipped += pages
+            return
+        current = self._slab_replicas[slab] or []
+        for replica, positions in damaged:
+            if replica not in current:
+                continue  # left the slab meanwhile: nothing to repair there
+            good_rows = rows[positions]  # as served: sealed when pages are encrypted
+            link = self._links.get(replica.server_id) or self._link(replica)
+            try:
+                future = link.submit_put(
+                    keys[positions],
+                    checksum_pages(good_rows),
+                    good_rows,
+                    seals[positions],
+                    first,
+                    first + count - 1,
+                )
+            except ReplicaFailure:
+                self.stats.read_repairs_failed += int(positions.size)
+                continue
+            self._repairing += int(positions.size)
+            self._spawn(self._repair_done(replica, slab, int(positions.size), future))
+
+    async def _repair_done(
+        self, replica: Replica, slab: int, pages: int, future: asyncio.Future[Any]
+    ) -> None:
+        try:
+            await future
+        except ReplicaFailure as failure:
+            self.stats.read_repairs_failed += pages
+            log.warning(
+                "read repair of %d pages on %s failed: %s", pages, replica.server_id, failure
+            )
+            return
+        finally:
+            self._repairing -= pages
+        self.stats.read_repairs += pages
+        log.info(
+            "read repair: wrote %d good pages of slab %d back to %s", pages, slab, replica.server_id
+        )
 
     async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         end = offset + len(data)
@@ -660,17 +834,45 @@ class RemoteBackend:
         else:
             seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)  # --no-encrypt-pages
         crcs = checksum_pages(pages)
-        waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any]]]]] = []
-        for seg_first, seg_count in _slab_segments(first, count):
+        waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any] | None]]]] = []
+        writing: list[int] = []
+        try:
+            await self._submit_writes(first, pages, crcs, seals, waits, writing)
+            await self._await_writes(waits)
+        finally:
+            for slab in writing:
+                self._slab_writing[slab] -= 1
+        self.stats.pages_written += count
+
+    async def _submit_writes(
+        self,
+        first: int,
+        pages: PageArray,
+        crcs: U32Array,
+        seals: PageArray,
+        waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any] | None]]]],
+        writing: list[int],
+    ) -> None:
+        """Send each slab's part of a write to its replicas; fills `waits` and `writing`."""
+        for seg_first, seg_count in _slab_segments(first, pages.shape[0]):
             slab = seg_first // SLAB_PAGES
             replicas = await self._replicas(slab)
+            self._slab_writes[slab] += 1
+            self._slab_writing[slab] += 1
+            writing.append(slab)
             offset = seg_first - first
             keys = page_keys(seg_first, seg_count, SLAB_PAGES)
             rows = pages[offset : offset + seg_count]
             seg_crcs = crcs[offset : offset + seg_count]
             seg_seals = seals[offset : offset + seg_count]
-            futures = []
-            for replica in self._write_targets(slab, replicas):
+            futures: list[tuple[Replica, asyncio.Future[Any] | None]] = []
+            targets = self._write_targets(slab, replicas)
+            # A replica or push target left out (failing, backing off) misses this write
+            # like one that fails it: None stands for its future.
+            futures += [
+                (r, None) for r in [*replicas, *self._slab_filling[slab]] if r not in targets
+            ]
+            for replica in targets:
                 link = self._links.get(replica.server_id) or self._link(replica)
                 try:
                     futures.append(
@@ -688,19 +890,35 @@ class RemoteBackend:
                     )
                 except ReplicaFailure as failure:
                     self._replica_failed(failure, slab)
+                    futures.append((replica, None))
             waits.append((slab, seg_first, seg_count, futures))
+
+    async def _await_writes(
+        self, waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any] | None]]]]
+    ) -> None:
         for slab, seg_first, seg_count, futures in waits:
             stored = 0
-            for _replica, future in futures:
+            missed: list[str] = []
+            replicas = self._slab_replicas[slab] or []
+            for replica, future in futures:
+                if future is None:
+                    missed.append(replica.server_id)
+                    continue
                 try:
                     await future
-                    stored += 1
                 except ReplicaFailure as failure:
                     self._replica_failed(failure, slab)
+                    missed.append(replica.server_id)
+                    continue
+                # Only a replica counts: a push target alone is no readable copy (and the
+                # push may yet be abandoned and its copy dropped).
+                stored += replica in replicas
             if not stored:
+                # No replica has it (network down): none is staler than another.
                 raise BackendError(errno.EIO, f"no live replica stored slab {slab}'s pages")
+            for server_id in missed:
+                self._missed_write(slab, server_id)
             self._set_written(seg_first, seg_count, True)
-        self.stats.pages_written += count
 
     async def flush(self) -> None:
         # A write completes only once every live replica acknowledged it: there is nothing
@@ -736,12 +954,31 @@ class RemoteBackend:
         if not written.any():
             return
         pending: list[tuple[int, asyncio.Future[Any]]] = []
+        writing: list[int] = []
+        try:
+            self._submit_deletes(first, count, written, pending, writing)
+            await self._await_deletes(pending)
+        finally:
+            for slab in writing:
+                self._slab_writing[slab] -= 1
+
+    def _submit_deletes(
+        self,
+        first: int,
+        count: int,
+        written: np.ndarray[Any, np.dtype[np.bool_]],
+        pending: list[tuple[int, asyncio.Future[Any]]],
+        writing: list[int],
+    ) -> None:
         for seg_first, seg_count in _slab_segments(first, count):
             mask = written[seg_first - first : seg_first - first + seg_count]
             slab = seg_first // SLAB_PAGES
             replicas = self._slab_replicas[slab]
             if not mask.any() or replicas is None:
                 continue
+            self._slab_writes[slab] += 1
+            self._slab_writing[slab] += 1
+            writing.append(slab)
             keys = page_keys(seg_first, seg_count, SLAB_PAGES)[mask]
             for replica in self._write_targets(slab, replicas):
                 link = self._links.get(replica.server_id) or self._link(replica)
@@ -751,6 +988,8 @@ class RemoteBackend:
                     )
                 except ReplicaFailure as failure:
                     self._replica_failed(failure, slab)
+
+    async def _await_deletes(self, pending: list[tuple[int, asyncio.Future[Any]]]) -> None:
         for slab, future in pending:
             try:
                 await future

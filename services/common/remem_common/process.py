@@ -101,6 +101,7 @@ def spawn_service(
     timeout: float = 60.0,
     log_path: Path | None = None,
     cwd: str | Path | None = None,
+    prefix: list[str] | None = None,
 ) -> ServiceProcess:
     """Start `python -m remem_cli ARGS...` and return once it printed its ready line.
 
@@ -110,6 +111,7 @@ def spawn_service(
         env: extra environment variables.
         timeout: seconds to wait for readiness.
         log_path: append the child's output there (it is also kept in memory).
+        prefix: a command the service runs under, e.g. ["ip", "netns", "exec", "ns1"].
 
     Raises:
         ServiceStartError: the child exited or timed out first (the message has its output).
@@ -119,7 +121,7 @@ def spawn_service(
     if env:
         full_env.update(env)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "remem_cli", *args],
+        [*(prefix or []), sys.executable, "-m", "remem_cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -21,10 +21,12 @@ def start_service(
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
     cwd: str | Path | None = None,
+    prefix: list[str] | None = None,
 ) -> ServiceProcess:
-    """Start `python -m remem_cli ARGS...`; returns once it printed its ready line."""
+    """Start `python -m remem_cli ARGS...` (under `prefix`, if given); returns once it
+    printed its ready line."""
     try:
-        return spawn_service(name, args, env=env, timeout=timeout, cwd=cwd)
+        return spawn_service(name, args, env=env, timeout=timeout, cwd=cwd, prefix=prefix)
     except ServiceStartError as exc:
         raise AssertionError(str(exc)) from None
 

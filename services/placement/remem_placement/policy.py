@@ -297,6 +297,26 @@ class Cluster:
                 server.probe_deadline = now + self.settings.dead_after
         return server.liveness
 
+    def missed_write(self, server_id: str, key: SlabKey, now: float) -> list[Drop]:
+        """A client's write of slab `key` reached other replicas but not `server_id`: its
+        copy is stale. It leaves the slab (a new epoch; `plan` copies the slab anew from the
+        others) and is told to drop its copy; a push to or from it is abandoned. Nothing
+        changes when it is the slab's last replica. Returns the drops to send."""
+        slab = self.slabs.get(key)
+        if slab is None:
+            return []
+        drops: list[Drop] = []
+        for push in list(self.pushes.values()):
+            if push.key == key and server_id in (push.source, push.target):
+                drops.extend(self._abandon(push, now))
+        if server_id in slab.replicas and len(slab.replicas) > 1:
+            slab.replicas.remove(server_id)
+            self._unhold(server_id, key)
+            self._touch(key)
+            if server_id in self.servers:
+                drops.append(Drop(server_id, key))
+        return list(dict.fromkeys(drops))
+
     def probe_answered(self, server_id: str, now: float) -> None:
         server = self.servers.get(server_id)
         if server is None or server.liveness == "dead":

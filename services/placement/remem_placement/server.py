@@ -420,7 +420,22 @@ class PlacementServer:
         if server is None:
             return self._error(msg.msg_id, ErrorCode.NOT_FOUND, f"no server {msg.server_id!r}")
         probing = server.probe_deadline is not None
-        state = self.cluster.report_failure(msg.server_id, time.monotonic())
+        now = time.monotonic()
+        if msg.missed_write:
+            drops = self.cluster.missed_write(
+                msg.server_id, (msg.tenant, msg.volume, msg.slab), now
+            )
+            if drops:
+                log.warning(
+                    "replica missed a write: dropping it from the slab server_id=%s tenant=%s "
+                    "volume=%d slab=%d",
+                    msg.server_id,
+                    msg.tenant,
+                    msg.volume,
+                    msg.slab,
+                )
+            self._send_drops(drops)
+        state = self.cluster.report_failure(msg.server_id, now)
         if state != "dead" and not probing:
             log.warning(
                 "client reported a failing replica server_id=%s tenant=%s volume=%d slab=%d: %s",

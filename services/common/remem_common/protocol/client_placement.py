@@ -49,12 +49,20 @@ get_map_request(tenant, volume, since_epoch)
     write reaches the old replicas without also reaching the new one. Clients should therefore
     poll promptly after a `map_changed_notice` and at least every second.
 
-report_failure_request(tenant, volume, slab, server_id, detail)
+report_failure_request(tenant, volume, slab, server_id, detail, missed_write=false)
     A client could not read or write a replica. Placement marks the server suspect (no new
     slabs), probes it, and declares it dead if the probe is not answered in time (or when
     heartbeats stop), which removes it from every map. The reply says the server's state now
     and the current epoch; the client should stop using that replica at once and re-read the
     map, so it never reads from a dead server twice.
+
+    `missed_write` true says more: a write of this slab that another replica stored did not
+    reach this server (it failed, timed out, or was not sent because the server was failing),
+    so its copy of the slab is stale even if the server itself recovers. Placement removes
+    the server from the slab's replicas (or abandons the push filling it), a new epoch, tells
+    the server to drop its copy, and re-replicates the slab from the others. The client
+    reads that slab from the other replicas meanwhile. Ignored when the server is the slab's
+    last replica: a stale copy is then all there is.
 
 Errors: `error_reply` (see `envelope`) with `malformed`, `unknown_type`,
 `unsupported_version`, `no_space` (no eligible page server), `unavailable` (placement is
@@ -138,6 +146,7 @@ class ReportFailureRequest(Request):
     slab: SlabId
     server_id: ServerId
     detail: str = Field(default="", max_length=512)
+    missed_write: bool = False
 
 
 class ReportFailureReply(Reply):
