@@ -578,6 +578,10 @@ class RemoteBackend:
         repair_rows: PageArray | None = None
         repair_seals = np.zeros((0, SEAL_BYTES), dtype=np.uint8)
         write_mark = self._slab_write_mark(slab)
+        # Replicas that answered, and pages any of them holds (intact or not): only pages
+        # that every replica answered for and none holds may read as never written.
+        answered = 0
+        held = np.zeros(wanted, dtype=np.bool_)
         live = self._readable(slab, replicas)
         # Spread reads over a slab's replicas: slab n prefers its (n mod k)-th replica.
         if live:
@@ -593,6 +597,7 @@ class RemoteBackend:
                 self._replica_failed(failure, slab)
                 self.stats.failovers += 1
                 continue
+            answered += 1
             found = result.found[start : start + sub.shape[0]]
             crcs = result.crcs[start : start + sub.shape[0]]
             data = result.data[start : start + sub.shape[0]]
@@ -607,6 +612,7 @@ class RemoteBackend:
                 self.stats.pages_read_remote += wanted
                 return data
             positions = np.flatnonzero(todo)
+            held[positions[found]] = True
             rows[positions[good]] = data[good]
             todo[positions[good]] = False
             if to_repair:
@@ -639,9 +645,11 @@ class RemoteBackend:
                 slab,
             )
             self._placement.report_failure(replica.server_id, slab, "missing or corrupt pages")
-        if self._slab_unknown[slab] and len(live) == len(replicas):
+        if self._slab_unknown[slab] and answered == len(replicas) and not held[todo].any():
             # Adopted after a restart: every replica answered and none holds these pages, so
-            # they were never written (or trimmed). They read as zeros.
+            # they were never written (or trimmed). They read as zeros. A replica that did not
+            # answer, or a page some replica holds corrupt, is no proof of that: EIO (and the
+            # mirror, if any).
             rows[todo] = 0
             return rows
         raise BackendError(
