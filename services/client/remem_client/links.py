@@ -41,6 +41,7 @@ from remem_common.protocol.pages import (
     unpack_crcs,
     unpack_pages,
 )
+from remem_common.security import KeyFileError, Security
 
 log = logging.getLogger("client.links")
 # pyzmq's flags are IntFlag enums: every `|`, `&` or call builds enum objects (26k calls for
@@ -124,9 +125,12 @@ class PageServerLink:
         tenant: str,
         volume: int,
         timeout: float,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
         self.server_id = server_id
         self.endpoint = endpoint
+        self.server_key = server_key
         self.tenant = tenant
         self.volume = volume
         self.timeout = timeout
@@ -136,6 +140,11 @@ class PageServerLink:
         # Keep at most this many messages queued toward a server that is not reading: past
         # it, sends fail at once rather than buffering pages without bound.
         self._socket.setsockopt(zmq.SNDHWM, 256)
+        try:
+            (security or Security.insecure()).client_socket(self._socket, server_key)
+        except KeyFileError:
+            self._socket.close(linger=0)
+            raise
         self._socket.connect(endpoint)
         fd = self._socket.getsockopt(zmq.FD)
         assert isinstance(fd, int)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import zmq
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from remem_common.security import KeyFileError, Security, load_public_key
 
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
@@ -111,6 +112,20 @@ class _RemoteCollector(Collector):
 async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> RemoteBackend:
     """Connect to placement, adopt the volume's current map, and return the backend."""
     assert config.placement is not None  # the config validator requires it for "remote"
+    try:
+        security = Security.from_settings(config)
+        placement_key = (
+            load_public_key(config.placement_public_key) if config.placement_public_key else None
+        )
+        mirror_key = load_public_key(config.mirror_public_key) if config.mirror_public_key else None
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from exc
+    if security.keypair is not None and security.keypair.identity.tenant != config.tenant:
+        # Every request would be answered `forbidden`: say so once, at start.
+        raise StartupError(
+            f"--curve-secret-key is a key of tenant {security.keypair.identity.tenant}, "
+            f"not of --tenant {config.tenant}"
+        )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     placement = PlacementClient(
         config.placement,
@@ -120,6 +135,8 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         context=context,
         timeout=config.placement_timeout,
         poll_interval=config.map_poll_interval,
+        security=security,
+        server_key=placement_key,
     )
     mirror = None
     if config.mirror:
@@ -128,6 +145,8 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
             context=context,
             cache_bytes=int(config.mirror_cache),
             timeout=config.mirror_timeout,
+            security=security,
+            server_key=mirror_key,
         )
     backend = RemoteBackend(
         size=int(config.size),
@@ -138,6 +157,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         replica_timeout=config.replica_timeout,
         mirror=mirror,
         resync_interval=config.resync_interval,
+        security=security,
     )
 
     async def close_links() -> None:

@@ -43,6 +43,7 @@ from remem_common.protocol.pages import (
     PageArray,
     checksum_pages,
 )
+from remem_common.security import Security
 
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
@@ -74,6 +75,7 @@ class Replica:
 
     server_id: str
     endpoint: str
+    public_key: str | None = None  # the page server's Curve key (from placement)
 
 
 class SlabPlacement(Protocol):
@@ -125,6 +127,7 @@ class RemoteBackend:
         on_replica_failure: Callable[[str], None] | None = None,
         mirror: MirrorLink | None = None,
         resync_interval: float = 0.5,
+        security: Security | None = None,
     ) -> None:
         if size % PAGE_SIZE:
             raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
@@ -133,6 +136,7 @@ class RemoteBackend:
         self.volume = volume
         self._placement = placement
         self._context = context
+        self._security = security or Security.insecure()
         self._timeout = replica_timeout
         self._on_failure = on_replica_failure
         self.page_count = size // PAGE_SIZE
@@ -265,13 +269,19 @@ class RemoteBackend:
 
     def _link(self, replica: Replica) -> PageServerLink:
         link = self._links.get(replica.server_id)
-        if link is None or link.endpoint != replica.endpoint:
+        if (
+            link is None
+            or link.endpoint != replica.endpoint
+            or link.server_key != replica.public_key
+        ):
             if link is not None:
                 link.close()
             link = PageServerLink(
                 replica.server_id,
                 replica.endpoint,
                 context=self._context,
+                security=self._security,
+                server_key=replica.public_key,
                 tenant=self.tenant,
                 volume=self.volume,
                 timeout=self._timeout,

@@ -23,6 +23,12 @@ to `target_endpoint` (another page server) with `pageserver_peer` messages: the 
 A -> B and never passes through placement. The reply counts pages and bytes sent, or is an
 `error_reply` with `unavailable` if the target did not answer in time.
 
+Security (Curve, see `remem_common.security`): a page server registers the public key of its
+data endpoint (`public_key`, which must be the key it authenticates with; placement answers
+`forbidden` otherwise), placement connects to it and hands the key to clients and to pushing
+peers (`target_public_key`). Registration and heartbeats need a key of role pageserver; slab
+orders (inventory, drop, push) one of role placement; anything else is `forbidden`.
+
 No payload frames on this boundary. Errors: `error_reply` (see `envelope`).
 """
 
@@ -38,6 +44,8 @@ from remem_common.protocol.envelope import Reply, Request
 ServerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 Endpoint = Annotated[str, Field(pattern=r"^(tcp|ipc|inproc)://\S{1,250}$")]
 Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
+# A z85-encoded CurveZMQ public key (40 characters); see `remem_common.security`.
+CurveKey = Annotated[str, Field(pattern=r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")]
 
 
 class RegisterServerRequest(Request):
@@ -51,6 +59,7 @@ class RegisterServerRequest(Request):
     used_bytes: int = Field(ge=0)
     zone: Zone
     started_at: float
+    public_key: CurveKey | None = None  # with Curve: the key of its data endpoint
 
 
 class RegisterServerReply(Reply):
@@ -116,6 +125,7 @@ class PushSlabRequest(Request):
     volume: VolumeId
     slab: SlabId
     target_endpoint: Endpoint
+    target_public_key: CurveKey | None = None  # with Curve: the target's server key
     timeout: float = Field(default=10.0, gt=0, le=600)
 
 
