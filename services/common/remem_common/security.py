@@ -53,6 +53,9 @@ ZAP_DOMAIN = b"remem"
 # not to this server's key (seen by a socket monitor; such a peer retries every ~100 ms, and
 # each refused attempt counts).
 REFUSED_REASONS = ("unknown_key", "role", "handshake")
+# A refused peer retries its handshake, a refused client may repeat its request: each is
+# counted, but logged only the first time (per key and reason), up to this many lines.
+MAX_LOGGED = 1000
 HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 _META_LINE = re.compile(r'^\s+([A-Za-z0-9_-]+)\s*=\s*"?([^"]*)"?\s*$')
@@ -239,7 +242,7 @@ class AuthMetrics:
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         refused = Counter(
             f"{service}_auth_refused",
-            "Curve handshakes refused by the ZAP handler: unknown key, or a role not admitted",
+            "Curve handshakes refused: unknown key, role not admitted, no or wrong Curve",
             ["reason"],
             registry=registry,
         )
@@ -249,6 +252,22 @@ class AuthMetrics:
             "Requests answered `forbidden`: another tenant's pages, or not the sender's role",
             registry=registry,
         )
+        self._logged: set[tuple[str, str]] = set()
+
+    def log_once(self, key: str, reason: str, line: str) -> None:
+        """Log `line` at warning the first time `key` is refused for `reason`."""
+        if (key, reason) in self._logged or len(self._logged) >= MAX_LOGGED:
+            return
+        self._logged.add((key, reason))
+        log.warning("%s (logged once per key)", line)
+
+    def forbid(self, identity: Identity | None, what: str, msg_id: int) -> ProtocolError:
+        """Count a forbidden request; the error its reply carries (the caller raises it)."""
+        self.forbidden.inc()
+        detail = forbidden_detail(identity, what)
+        key = identity.public_key if identity is not None else ""
+        self.log_once(key, what, f"forbidden: {detail}")
+        return ProtocolError(ErrorCode.FORBIDDEN, detail, reason="forbidden", msg_id=msg_id)
 
 
 # -- the process's security -----------------------------------------------------------------
@@ -275,7 +294,11 @@ class _KeyRing:
             return True
         if self.metrics is not None:
             self.metrics.refused[reason].inc()
-        log.warning("refused a Curve handshake reason=%s key=%s", reason, key.decode())
+            self.metrics.log_once(
+                key.decode(),
+                reason,
+                f"refused a Curve handshake reason={reason} key={key.decode()}",
+            )
         return False
 
 

@@ -64,7 +64,6 @@ from remem_common.security import (
     KeyFileError,
     Role,
     Security,
-    forbidden_detail,
     permits,
 )
 
@@ -428,15 +427,8 @@ class PageServer:
         tenant = getattr(msg, "tenant", None)
         if permits(identity, ROLES_OF[msg.type], tenant):
             return
-        self.metrics.auth.forbidden.inc()
         what = f"{OP_OF[msg.type]} pages of tenant {tenant}" if tenant else OP_OF[msg.type]
-        log.warning("forbidden: %s", forbidden_detail(identity, what))
-        raise ProtocolError(
-            ErrorCode.FORBIDDEN,
-            forbidden_detail(identity, what),
-            reason="forbidden",
-            msg_id=msg.msg_id,
-        )
+        raise self.metrics.auth.forbid(identity, what, msg.msg_id)
 
     @staticmethod
     def _error(code: ErrorCode, detail: str, parent_id: int) -> Frames:

@@ -69,7 +69,6 @@ from remem_common.security import (
     KeyFileError,
     Role,
     Security,
-    forbidden_detail,
     permits,
 )
 
@@ -333,10 +332,7 @@ class PlacementServer:
             what = "register a public key other than its own"
         if allowed:
             return
-        self.metrics.auth.forbidden.inc()
-        detail = forbidden_detail(identity, what)
-        log.warning("forbidden: %s", detail)
-        raise ProtocolError(ErrorCode.FORBIDDEN, detail, reason="forbidden", msg_id=msg.msg_id)
+        raise self.metrics.auth.forbid(identity, what, msg.msg_id)
 
     @staticmethod
     def _error(msg_id: int, code: ErrorCode, detail: str) -> ErrorReply:
