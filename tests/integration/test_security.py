@@ -149,10 +149,23 @@ def test_page_server_admits_known_keys_and_binds_each_client_to_its_tenant(
     with page_client(keys, "mallory", server, "ps-a") as mallory, pytest.raises(PageServerTimeout):
         mallory.get("a", 1, slab_keys(0, 1))
 
+    # The right client key, but not this server's key: the server cannot even decrypt it.
+    with (
+        PageServerClient(
+            server.ready["endpoint"],
+            timeout=SILENCE,
+            security=Security.curve(keys / "alice.key_secret"),
+            server_key=load_public_key(keys / "ps-b.key"),
+        ) as lost,
+        pytest.raises(PageServerTimeout),
+    ):
+        lost.get("a", 1, slab_keys(0, 1))
+
     metrics = scrape(server)
     assert metrics["pageserver_forbidden_requests_total"] == 6
     assert metrics['pageserver_auth_refused_total{reason="unknown_key"}'] >= 1
-    # The plaintext peer never reached the ZAP handler: its handshakes failed before.
+    # The plaintext peer and the one with the wrong server key never reached the ZAP
+    # handler: their handshakes failed before.
     assert metrics['pageserver_auth_refused_total{reason="handshake"}'] >= 1
     assert metrics['pageserver_auth_refused_total{reason="role"}'] == 0
 

@@ -7,9 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from remem_cli.keys import main as keys_main
 from remem_client.config import ENV_PREFIX as CLIENT_PREFIX
 from remem_client.config import ClientConfig
+from remem_client.remote import open_remote
+from remem_client.server import StartupError
 from remem_common.config import load_config
 from remem_common.security import (
     Identity,
@@ -132,3 +135,19 @@ def test_insecure_security_leaves_sockets_plaintext() -> None:
     security = Security.insecure()
     assert not security.enabled and security.public_key is None
     assert security.identity(object()) is None
+
+
+async def test_a_client_key_of_another_tenant_stops_the_client_at_start(tmp_path: Path) -> None:
+
+    keys_main(["--dir", str(tmp_path), "alice", "--tenant", "a"])
+    keys_main(["--dir", str(tmp_path), "placement", "--role", "placement"])
+    config = load_config(
+        ClientConfig,
+        ["--size", "1MiB", "--nbd-socket", str(tmp_path / "nbd.sock"), "--backend", "remote",
+         "--placement", "tcp://127.0.0.1:1", "--tenant", "b",
+         "--curve-secret-key", str(tmp_path / "alice.key_secret"),
+         "--placement-public-key", str(tmp_path / "placement.key")],
+        prog="c", env_prefix=CLIENT_PREFIX, environ={},
+    )  # fmt: skip
+    with pytest.raises(StartupError, match="key of tenant a, not of --tenant b"):
+        await open_remote(config, CollectorRegistry())
