@@ -113,7 +113,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
     """Connect to placement, adopt the volume's current map, and return the backend."""
     assert config.placement is not None  # the config validator requires it for "remote"
     try:
-        security = Security.from_settings(config)
+        security = Security.from_settings(config, "client")
         placement_key = (
             load_public_key(config.placement_public_key) if config.placement_public_key else None
         )

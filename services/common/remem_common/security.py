@@ -325,8 +325,6 @@ class Security:
         self._metrics: AuthMetrics | None = None
         self._stop_watching = threading.Event()
         self._watchers: list[threading.Thread] = []
-        # User-Id (z85 key, bytes as ZeroMQ gives it) -> Identity, filled on first sight.
-        self._by_user_id: dict[str, Identity] = {}
 
     @classmethod
     def insecure(cls) -> Security:
@@ -341,12 +339,20 @@ class Security:
         )
 
     @classmethod
-    def from_settings(cls, settings: CurveSettings) -> Security:
-        """Raises KeyFileError when a key file or folder is unusable."""
+    def from_settings(cls, settings: CurveSettings, role: Role) -> Security:
+        """The security a service of `role` runs with. Raises KeyFileError when a key file
+        or folder is unusable, or the keypair is not of `role` (a swapped key file)."""
         if settings.insecure:
             return cls.insecure()
         assert settings.curve_secret_key is not None  # the settings validator checks it
-        return cls.curve(settings.curve_secret_key, settings.curve_authorized)
+        security = cls.curve(settings.curve_secret_key, settings.curve_authorized)
+        assert security.keypair is not None
+        found = security.keypair.identity.role
+        if found != role:
+            raise KeyFileError(
+                f"--curve-secret-key {settings.curve_secret_key} is a {found} key, not a {role} key"
+            )
+        return security
 
     @property
     def enabled(self) -> bool:
@@ -448,17 +454,14 @@ class Security:
         """Who sent the message `frame` (a zmq.Frame) belongs to; None when insecure."""
         if self.keypair is None:
             return None
-        user_id = frame.get("User-Id")
-        identity = self._by_user_id.get(user_id)
+        # The ZAP handler set User-Id to the sender's z85 public key (pyzmq's default).
+        identity = self.authorized.get(frame.get("User-Id"))
         if identity is None:
-            identity = self.authorized.get(user_id)
-            if identity is None:
-                # The ZAP handler admits only keys of this same table: unreachable unless
-                # they disagree, and then the sender is nobody.
-                raise ProtocolError(
-                    ErrorCode.FORBIDDEN, "the sender's key is not authorized", reason="forbidden"
-                )
-            self._by_user_id[user_id] = identity
+            # The ZAP handler admits only keys of this same table: unreachable unless they
+            # disagree, and then the sender is nobody.
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN, "the sender's key is not authorized", reason="forbidden"
+            )
         return identity
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = setup_logging("mirror", config.log_level)
     try:
-        security = Security.from_settings(config)
+        security = Security.from_settings(config, "mirror")
     except KeyFileError as exc:
         sys.stderr.write(f"remem mirror: {exc}\n")
         return 2

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = setup_logging("pageserver", config.log_level)
     try:
-        security = Security.from_settings(config)
+        security = Security.from_settings(config, "pageserver")
         placement_key = (
             load_public_key(config.placement_public_key) if config.placement_public_key else None
         )

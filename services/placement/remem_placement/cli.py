@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = setup_logging("placement", config.log_level)
     try:
-        security = Security.from_settings(config)
+        security = Security.from_settings(config, "placement")
     except KeyFileError as exc:
         sys.stderr.write(f"remem placement: {exc}\n")
         return 2
