@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,12 @@ from remem_common.testing import ServiceProcess, start_service
 from . import fuzz_summary
 
 StartPageServer = Callable[..., ServiceProcess]
+
+# Curve is every service's default (and `remem up`'s). The suites start services on loopback
+# without keys, so they opt out here, for the processes they spawn; a test that wants Curve
+# passes --no-insecure and keys (tests/integration/test_security.py).
+for _prefix in ("PAGESERVER", "PLACEMENT", "MIRROR", "CLIENT", "UP"):
+    os.environ.setdefault(f"REMEM_{_prefix}_INSECURE", "1")
 
 
 @pytest.fixture

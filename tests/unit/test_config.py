@@ -15,8 +15,10 @@ from remem_pageserver.config import (
 
 
 def load(argv: list[str], env: dict[str, str] | None = None) -> PageServerConfig:
+    # Without keys: the Curve settings are tested in test_security.
+    environ = {"REMEM_PAGESERVER_INSECURE": "true", **(env or {})}
     return load_config(
-        PageServerConfig, argv, prog="remem pageserver", env_prefix=ENV_PREFIX, environ=env or {}
+        PageServerConfig, argv, prog="remem pageserver", env_prefix=ENV_PREFIX, environ=environ
     )
 
 

@@ -161,7 +161,7 @@ def test_config_defaults_detect_a_death_within_two_seconds() -> None:
     assert config.listen == "tcp://127.0.0.1:7000"
     assert config.dead_after + config.heartbeat_interval < 2.0
     assert config.utilization_source == "scrape"
-    env = {"REMEM_PLACEMENT_UTILIZATION_SOURCE": "prometheus"}
+    env = {"REMEM_PLACEMENT_UTILIZATION_SOURCE": "prometheus", "REMEM_PLACEMENT_INSECURE": "1"}
     config = load_config(
         PlacementConfig,
         ["--prometheus-url", "http://127.0.0.1:9090", "--min-free", "1GiB"],
@@ -171,7 +171,7 @@ def test_config_defaults_detect_a_death_within_two_seconds() -> None:
     )
     assert config.utilization_source == "prometheus" and config.policy().min_free == 1 << 30
     with pytest.raises(ValidationError):
-        PlacementConfig(suspect_after=2.0, dead_after=1.0)
+        PlacementConfig(suspect_after=2.0, dead_after=1.0, insecure=True)
 
 
 def test_parse_page_server_metrics() -> None:

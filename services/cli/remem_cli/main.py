@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("remem_cli.up", "run a whole local cluster in the foreground"),
     "status": ("remem_placement.status", "show page servers, slabs and repairs"),
     "drain": ("remem_placement.drain", "move every slab off a page server"),
+    "keys": ("remem_cli.keys", "make a Curve keypair (role, tenant) for a remem process"),
 }
 
 USAGE = "usage: remem SUBCOMMAND [--help] [args...]\n\nsubcommands:\n" + "".join(

@@ -6,6 +6,12 @@ separate processes, each logging to STATE_DIR/logs/NAME.log, writes STATE_DIR/pi
 waits until every page server is registered with placement and the client serves NBD, then
 prints one line with `ready` and the NBD URI. SIGINT or SIGTERM stops them all, client first.
 
+Every socket runs CurveZMQ, as in a real deployment: `remem up` makes a keypair per process
+in STATE_DIR/keys (once; later runs reuse them), every service admits the public
+certificates of that folder, and the client's key is of `--tenant`. STATE_DIR/keys/admin.key_secret
+is for `remem status --curve-secret-key ... --placement-public-key STATE_DIR/keys/placement.key`.
+`--insecure` runs everything in plaintext instead.
+
 A page server or the mirror that dies is left dead (that is what re-replication and the
 client's failover are for, and what the fault tests exercise); if placement or the client
 dies, everything is stopped and the exit is 1.
@@ -31,6 +37,7 @@ from remem_common.logs import setup_logging
 from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
 from remem_common.process import ServiceProcess, ServiceStartError, spawn_service
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES
+from remem_common.security import Role, Security, load_public_key, write_keypair
 
 log = logging.getLogger("up")
 
@@ -69,6 +76,10 @@ class UpConfig(ServiceConfig):
         "runs, --forget too: the mirror and a restarted client need it); "
         "--no-encrypt-pages only to measure the cost",
     )
+    insecure: bool = Field(
+        default=False,
+        description="no Curve: plaintext ZeroMQ on loopback (default: keys in STATE_DIR/keys)",
+    )
     start_timeout: float = Field(default=180.0, gt=0, description="seconds for each start")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -102,6 +113,43 @@ class Cluster:
         # One arena folder per state dir: two `remem up`s never share arenas.
         digest = hashlib.sha1(str(config.state_dir.resolve()).encode()).hexdigest()[:10]
         self.arena_dir = config.shm_dir / f"remem-up-{digest}"
+        self.key_dir = config.state_dir / "keys"
+
+    def make_keys(self) -> None:
+        """A keypair per process in STATE_DIR/keys, made once and reused by later runs."""
+        cfg = self.config
+        wanted: list[tuple[str, Role, str | None]] = [
+            ("placement", "placement", None),
+            ("mirror", "mirror", None),
+            ("client", "client", cfg.tenant),
+            ("admin", "admin", None),
+        ]
+        wanted += [(f"pageserver-{i}", "pageserver", None) for i in range(cfg.pageservers)]
+        for name, role, tenant in wanted:
+            secret = self.key_dir / f"{name}.key_secret"
+            if secret.exists() and (self.key_dir / f"{name}.key").exists():
+                continue
+            write_keypair(self.key_dir, name, role, tenant)
+
+    def security_args(self, name: str, *, admits: bool = True) -> list[str]:
+        """The flags giving process `name` its keypair (and the admitted keys)."""
+        if self.config.insecure:
+            return ["--insecure"]
+        # --no-insecure: an inherited REMEM_*_INSECURE must not turn Curve off behind our back.
+        args = ["--no-insecure", "--curve-secret-key", str(self.key_dir / f"{name}.key_secret")]
+        if admits:
+            args += ["--curve-authorized", str(self.key_dir)]
+        return args
+
+    def public_key_arg(self, flag: str, name: str) -> list[str]:
+        return [] if self.config.insecure else [flag, str(self.key_dir / f"{name}.key")]
+
+    def admin_security(self) -> tuple[Security | None, str | None]:
+        """`remem up`'s own key for its status requests to placement."""
+        if self.config.insecure:
+            return None, None
+        security = Security.curve(self.key_dir / "admin.key_secret")
+        return security, load_public_key(self.key_dir / "placement.key")
 
     def start(self, name: str, args: list[str]) -> ServiceProcess:
         log.info("starting %s", name)
@@ -117,6 +165,8 @@ class Cluster:
         cfg = self.config
         for folder in (cfg.state_dir, self.pid_dir, self.log_dir, self.arena_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        if not cfg.insecure:
+            self.make_keys()
         placement = self.start(
             "placement",
             [
@@ -127,6 +177,7 @@ class Cluster:
                 "0",
                 "--log-level",
                 cfg.log_level,
+                *self.security_args("placement"),
             ],
         )
         endpoint = placement.ready["endpoint"]
@@ -150,6 +201,8 @@ class Cluster:
                 str(self.arena_dir / f"pageserver-{index}.arena"),
                 "--log-level",
                 cfg.log_level,
+                *self.security_args(f"pageserver-{index}"),
+                *self.public_key_arg("--placement-public-key", "placement"),
             ]
             if cfg.forget:
                 args.append("--forget")
@@ -174,6 +227,8 @@ class Cluster:
             "0",
             "--log-level",
             cfg.log_level,
+            *self.security_args("client", admits=False),
+            *self.public_key_arg("--placement-public-key", "placement"),
         ]
         if cfg.encrypt_pages:
             client_args += ["--page-key", str(cfg.state_dir / "page.key")]
@@ -183,6 +238,7 @@ class Cluster:
             client_args += ["--nbd-listen", cfg.nbd_listen]
         if cfg.mirror:
             client_args += ["--mirror", self.start_mirror()]
+            client_args += self.public_key_arg("--mirror-public-key", "mirror")
         client = self.start("client", client_args)
         return client.ready.get("nbd_uri", f"nbd+unix:///remem?socket={socket_path}")
 
@@ -201,6 +257,7 @@ class Cluster:
             "0",
             "--log-level",
             cfg.log_level,
+            *self.security_args("mirror"),
         ]
         if cfg.forget:
             args.append("--forget")
@@ -212,7 +269,10 @@ class Cluster:
     def wait_registered(self, endpoint: str, count: int) -> None:
         """Block until placement lists `count` live page servers."""
         deadline = time.monotonic() + self.config.start_timeout
-        with PlacementClient(endpoint, context=self.context, timeout=1.0) as placement:
+        security, server_key = self.admin_security()
+        with PlacementClient(
+            endpoint, context=self.context, timeout=1.0, security=security, server_key=server_key
+        ) as placement:
             while time.monotonic() < deadline:
                 try:
                     status = placement.status()
@@ -267,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop_all()
         return 1
     names = ",".join(cluster.children)
-    print(f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names}", flush=True)
+    curve = "off" if config.insecure else f"on keys={cluster.key_dir}"
+    print(
+        f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names} curve={curve}",
+        flush=True,
+    )
     dead = None
     lost: set[str] = set()
     while not stop.wait(0.2):

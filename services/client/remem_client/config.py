@@ -9,12 +9,12 @@ fields here; `backend` selects which backend `server.make_backend` builds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
-from remem_common.config import ServiceConfig
 from remem_common.protocol.client_pageserver import Tenant, VolumeId
 from remem_common.protocol.pages import PAGE_SIZE
+from remem_common.security import CurveSettings
 
 from remem_client.nbd import wire
 
@@ -37,8 +37,16 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
-class ClientConfig(ServiceConfig):
-    """Everything `remem client` needs before it binds its sockets."""
+class ClientConfig(CurveSettings):
+    """Everything `remem client` needs before it binds its sockets.
+
+    Curve (the default for the remote backend): `--curve-secret-key` is the client's key (role
+    client, its tenant), `--placement-public-key` and `--mirror-public-key` its servers' keys;
+    page servers' keys come from placement.
+    """
+
+    # The client binds no ZeroMQ socket: it admits nobody, so needs no authorized keys.
+    needs_authorized: ClassVar[bool] = False
 
     nbd_socket: Path | None = Field(
         None, description="Unix socket the NBD export listens on (nbd+unix:///NAME?socket=PATH)"
@@ -56,6 +64,9 @@ class ClientConfig(ServiceConfig):
     placement: str | None = Field(
         None, description="placement's ZeroMQ endpoint (required with --backend remote)"
     )
+    placement_public_key: Path | None = Field(
+        None, description="placement's public certificate (NAME.key), with Curve"
+    )
     replicas: int = Field(2, ge=1, le=8, description="copies of every page (k)")
     tenant: Tenant = Field("default", description="tenant that owns this device's pages")
     volume: VolumeId = Field(0, description="volume number of this device within the tenant")
@@ -70,6 +81,9 @@ class ClientConfig(ServiceConfig):
         None,
         description="ZeroMQ endpoint of `remem mirror`, the local write-behind copy that "
         "serves page-ins when no page server is reachable (remote backend only)",
+    )
+    mirror_public_key: Path | None = Field(
+        None, description="the mirror's public certificate (NAME.key), with Curve"
     )
     mirror_cache: ByteSize = Field(
         ByteSize(64 << 20),
@@ -150,9 +164,16 @@ class ClientConfig(ServiceConfig):
                     "--backend remote needs --page-key FILE (pages are encrypted before they "
                     "leave this host)"
                 )
+            self.require_peer_key("--placement-public-key", self.placement_public_key is not None)
+            if self.mirror:
+                self.require_peer_key("--mirror-public-key", self.mirror_public_key is not None)
         elif self.mirror:
             raise ValueError("--mirror needs --backend remote")
         return self
+
+    def uses_zeromq(self) -> bool:
+        # The memory backend talks to nobody: Curve applies to the remote backend only.
+        return self.backend == "remote"
 
     @property
     def nbd_listen_address(self) -> tuple[str, int] | None:

@@ -44,6 +44,7 @@ from remem_common.protocol.pages import (
     unpack_pages,
     unpack_seals,
 )
+from remem_common.security import KeyFileError, Security
 
 from remem_client.metrics import MalformedReplies
 
@@ -153,10 +154,13 @@ class PageServerLink:
         volume: int,
         timeout: float,
         malformed: MalformedReplies | None = None,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
         self.server_id = server_id
         self._malformed = malformed
         self.endpoint = endpoint
+        self.server_key = server_key
         self.tenant = tenant
         self.volume = volume
         self.timeout = timeout
@@ -166,6 +170,11 @@ class PageServerLink:
         # Keep at most this many messages queued toward a server that is not reading: past
         # it, sends fail at once rather than buffering pages without bound.
         self._socket.setsockopt(zmq.SNDHWM, 256)
+        try:
+            (security or Security.insecure()).client_socket(self._socket, server_key)
+        except KeyFileError:
+            self._socket.close(linger=0)
+            raise
         self._socket.connect(endpoint)
         fd = self._socket.getsockopt(zmq.FD)
         assert isinstance(fd, int)

@@ -47,6 +47,7 @@ from remem_common.protocol.client_mirror import (
 )
 from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
+from remem_common.security import Security
 
 from remem_client.metrics import MalformedReplies
 
@@ -77,9 +78,13 @@ class MirrorLink:
         cache_bytes: int,
         timeout: float,
         malformed: MalformedReplies | None = None,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._malformed = malformed
+        self._security = security or Security.insecure()
+        self._server_key = server_key
         self.timeout = timeout
         self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
         self._context = context
@@ -112,6 +117,7 @@ class MirrorLink:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4 * MAX_IN_FLIGHT)
         sock.setsockopt(zmq.RCVHWM, 4 * MAX_IN_FLIGHT)
+        self._security.client_socket(sock, self._server_key)
         sock.connect(self.endpoint)
         fd = sock.getsockopt(zmq.FD)
         assert isinstance(fd, int)

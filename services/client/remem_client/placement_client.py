@@ -28,6 +28,7 @@ from remem_common.protocol.client_placement import (
     ReportFailureRequest,
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
+from remem_common.security import Security
 
 from remem_client.metrics import MalformedReplies
 from remem_client.remote_backend import RemoteBackend, Replica
@@ -51,7 +52,7 @@ class PlacementError(Exception):
 
 
 def _replicas(refs: list[ReplicaRef]) -> list[Replica]:
-    return [Replica(ref.server_id, ref.endpoint) for ref in refs]
+    return [Replica(ref.server_id, ref.endpoint, ref.public_key) for ref in refs]
 
 
 class PlacementClient:
@@ -68,6 +69,8 @@ class PlacementClient:
         timeout: float = 5.0,
         poll_interval: float = 1.0,
         malformed: MalformedReplies | None = None,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._malformed = malformed
@@ -79,6 +82,7 @@ class PlacementClient:
         self._async_context = zmq.asyncio.Context.shadow(context.underlying)
         self._socket = self._async_context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        (security or Security.insecure()).client_socket(self._socket, server_key)
         self._socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -225,13 +229,17 @@ class PlacementClient:
         if not reply.changed or self._backend is None:
             self.epoch = max(self.epoch, reply.epoch)
             return
+
+        def replica(sid: str) -> Replica:
+            return Replica(sid, reply.servers[sid], reply.server_keys.get(sid))
+
         for slab, replica_ids, filling_ids in reply.slabs:
             if slab >= self._backend.slab_count:
                 continue
             self._backend.set_replicas(
                 slab,
-                [Replica(sid, reply.servers[sid]) for sid in replica_ids if sid in reply.servers],
-                [Replica(sid, reply.servers[sid]) for sid in filling_ids if sid in reply.servers],
+                [replica(sid) for sid in replica_ids if sid in reply.servers],
+                [replica(sid) for sid in filling_ids if sid in reply.servers],
                 adopted=True,
             )
         self._backend.keep_only_servers(set(reply.servers))

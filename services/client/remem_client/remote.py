@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import zmq
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from remem_common.security import KeyFileError, Security, load_public_key
 
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
@@ -161,6 +162,20 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
             "--no-encrypt-pages: pages go to the page servers in plaintext, unauthenticated "
             "(for measuring the cost of encryption only)"
         )
+    try:
+        security = Security.from_settings(config, "client")
+        placement_key = (
+            load_public_key(config.placement_public_key) if config.placement_public_key else None
+        )
+        mirror_key = load_public_key(config.mirror_public_key) if config.mirror_public_key else None
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from exc
+    if security.keypair is not None and security.keypair.identity.tenant != config.tenant:
+        # Every request would be answered `forbidden`: say so once, at start.
+        raise StartupError(
+            f"--curve-secret-key is a key of tenant {security.keypair.identity.tenant}, "
+            f"not of --tenant {config.tenant}"
+        )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     malformed = MalformedReplies()
     placement = PlacementClient(
@@ -172,6 +187,8 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         timeout=config.placement_timeout,
         poll_interval=config.map_poll_interval,
         malformed=malformed,
+        security=security,
+        server_key=placement_key,
     )
     mirror = None
     if config.mirror:
@@ -181,6 +198,8 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
             cache_bytes=int(config.mirror_cache),
             timeout=config.mirror_timeout,
             malformed=malformed,
+            security=security,
+            server_key=mirror_key,
         )
     backend = RemoteBackend(
         size=int(config.size),
@@ -193,6 +212,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         mirror=mirror,
         resync_interval=config.resync_interval,
         malformed=malformed,
+        security=security,
     )
 
     async def close_links() -> None:

@@ -58,6 +58,7 @@ from remem_common.protocol.pages import (
     U32Array,
     checksum_pages,
 )
+from remem_common.security import Security
 
 from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
@@ -93,6 +94,7 @@ class Replica:
 
     server_id: str
     endpoint: str
+    public_key: str | None = None  # the page server's Curve key (from placement)
 
 
 class SlabPlacement(Protocol):
@@ -160,6 +162,7 @@ class RemoteBackend:
         mirror: MirrorLink | None = None,
         resync_interval: float = 0.5,
         malformed: MalformedReplies | None = None,
+        security: Security | None = None,
     ) -> None:
         if size % PAGE_SIZE:
             raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
@@ -168,6 +171,7 @@ class RemoteBackend:
         self.volume = volume
         self._placement = placement
         self._context = context
+        self._security = security or Security.insecure()
         self._timeout = replica_timeout
         self.malformed = malformed
         self._on_failure = on_replica_failure
@@ -311,13 +315,19 @@ class RemoteBackend:
 
     def _link(self, replica: Replica) -> PageServerLink:
         link = self._links.get(replica.server_id)
-        if link is None or link.endpoint != replica.endpoint:
+        if (
+            link is None
+            or link.endpoint != replica.endpoint
+            or link.server_key != replica.public_key
+        ):
             if link is not None:
                 link.close()
             link = PageServerLink(
                 replica.server_id,
                 replica.endpoint,
                 context=self._context,
+                security=self._security,
+                server_key=replica.public_key,
                 tenant=self.tenant,
                 volume=self.volume,
                 timeout=self._timeout,

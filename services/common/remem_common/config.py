@@ -95,7 +95,13 @@ def load_config(
         config = model.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
+        where = ".".join(str(part) for part in first["loc"])
+        if not where:
+            # A check across fields (e.g. "Curve is on by default: give ... or --insecure")
+            # names its flags itself.
+            message = first["msg"].removeprefix("Value error, ")
+            sys.stderr.write(f"{prog}: {message}\n")
+            sys.exit(EXIT_CONFIG_ERROR)
         flag = "--" + where.replace("_", "-")
         sys.stderr.write(f"{prog}: invalid {flag}: {first['msg']}\n")
         sys.exit(EXIT_CONFIG_ERROR)

@@ -11,10 +11,14 @@ from pydantic import BaseModel, TypeAdapter
 
 from remem_common.framing import decode, encode
 from remem_common.protocol.envelope import ErrorReply
+from remem_common.security import Security
 
 
 class BlockingDealer:
-    """One DEALER connected to `endpoint`; closed (with its own context) on exit."""
+    """One DEALER connected to `endpoint`; closed (with its own context) on exit.
+
+    With `security` Curve on, `server_key` is the server's z85 public key (see
+    `remem_common.security`); without, the socket is plaintext."""
 
     def __init__(
         self,
@@ -22,11 +26,19 @@ class BlockingDealer:
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None,
         timeout: float,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
         self._own_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.socket: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if security is not None:
+            try:
+                security.client_socket(self.socket, server_key)
+            except Exception:
+                self.close()
+                raise
         self.socket.connect(endpoint)
         self.endpoint = endpoint
         self.timeout = timeout

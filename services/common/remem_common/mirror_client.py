@@ -30,6 +30,7 @@ from remem_common.protocol.client_mirror import (
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray, unpack_pages
+from remem_common.security import Security
 
 
 class MirrorError(Exception):
@@ -57,8 +58,12 @@ class MirrorClient(RequestDealer):
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 10.0,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
-        super().__init__(endpoint, context=context, timeout=timeout)
+        super().__init__(
+            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
+        )
 
     def timeout_error(self, detail: str) -> Exception:
         return MirrorTimeout(detail)

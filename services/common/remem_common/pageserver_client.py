@@ -41,6 +41,7 @@ from remem_common.protocol.pageserver_placement import (
     PushSlabReply,
     PushSlabRequest,
 )
+from remem_common.security import Security
 
 AnyReply = Annotated[
     PutPagesReply
@@ -79,8 +80,12 @@ class PageServerClient(RequestDealer):
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 10.0,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
-        super().__init__(endpoint, context=context, timeout=timeout)
+        super().__init__(
+            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
+        )
 
     def timeout_error(self, detail: str) -> Exception:
         return PageServerTimeout(detail)

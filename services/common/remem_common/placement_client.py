@@ -29,6 +29,7 @@ from remem_common.protocol.client_placement import (
     ReportFailureRequest,
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
+from remem_common.security import Security
 
 PlacementReply = Annotated[
     AllocateSlabReply
@@ -65,8 +66,12 @@ class PlacementClient(BlockingDealer):
         *,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         timeout: float = 5.0,
+        security: Security | None = None,
+        server_key: str | None = None,
     ) -> None:
-        super().__init__(endpoint, context=context, timeout=timeout)
+        super().__init__(
+            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
+        )
 
     def call(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
         """Send `msg`, return its reply of type `expect` (stale replies are skipped)."""

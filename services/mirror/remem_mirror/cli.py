@@ -12,10 +12,11 @@ import zmq
 from prometheus_client import REGISTRY, start_http_server
 from remem_common.config import bind_address, load_config
 from remem_common.logs import setup_logging
+from remem_common.security import KeyFileError, Security
 
 from remem_mirror.config import ENV_PREFIX, MirrorConfig
 from remem_mirror.metrics import MirrorGauges, MirrorMetrics
-from remem_mirror.server import MirrorServer
+from remem_mirror.server import ADMITTED_ROLES, MirrorServer
 from remem_mirror.store import MirrorStore, MirrorStoreError
 
 
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Keep a local write-behind copy of every page-out.",
     )
     log = setup_logging("mirror", config.log_level)
+    try:
+        security = Security.from_settings(config, "mirror")
+    except KeyFileError as exc:
+        sys.stderr.write(f"remem mirror: {exc}\n")
+        return 2
     try:
         store = MirrorStore(
             config.path,
@@ -48,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     metrics = MirrorMetrics(REGISTRY)
+    security.serve(context, ADMITTED_ROLES, metrics.auth)
     server = MirrorServer(
         store,
         metrics,
         context,
         queue_pages=config.queue_pages,
         drain_timeout=config.drain_timeout,
+        security=security,
     )
     try:
         endpoint = server.bind(bind_address(config.listen))
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         server.router.close(linger=0)
         server.close()
         store.close()
+        security.close()
         context.term()
         return 1
     metrics.watch(
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         server.router.close(linger=0)
         server.close()
         store.close()
+        security.close()
         context.term()
         return 1
     metrics_host = config.metrics_host
@@ -95,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "ready endpoint=%s metrics=%s path=%s page_count=%d direct_io=%s unreplicated_pages=%d",
+        "ready endpoint=%s metrics=%s path=%s page_count=%d direct_io=%s unreplicated_pages=%d "
+        "curve=%s",
         endpoint,
         metrics_url,
         config.path,
         store.page_count,
         "on" if store.direct_io else "off",
         store.unreplicated_pages,
+        "on" if security.enabled else "off",
     )
     started = time.monotonic()
     try:
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     server.close()
     store.close()  # fdatasync of data and bitmap
+    security.close()
     context.term()
     log.info("stopped after %.1fs", time.monotonic() - started)
     return 0

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator
-from remem_common.config import ServiceConfig
 from remem_common.protocol.pages import PAGE_SIZE
+from remem_common.security import CurveSettings
 
 ENV_PREFIX = "REMEM_MIRROR_"
 
 DirectIO = Literal["auto", "on", "off"]
 
 
-class MirrorConfig(ServiceConfig):
+class MirrorConfig(CurveSettings):
     """What the mirror needs to know before it opens its file or binds anything."""
 
     path: Path = Field(

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from remem_common.protocol.envelope import MALFORMED_REASONS
+from remem_common.security import AuthMetrics
 
 OPS = ("describe", "write", "read", "trim", "mark_replicated", "list_unreplicated")
 RESULTS = ("ok", "error")
@@ -66,6 +67,7 @@ class MirrorMetrics:
     """Every metric the mirror exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.auth = AuthMetrics(registry, "mirror")
         self.requests = Counter(
             "mirror_requests_total",
             "Requests handled, by operation and result",

@@ -58,9 +58,13 @@ from remem_common.protocol.envelope import (
     ProtocolError,
 )
 from remem_common.protocol.pages import PAGE_SIZE
+from remem_common.security import Role, Security
 
 from remem_mirror.metrics import MirrorMetrics
 from remem_mirror.store import MAX_RUN_PAGES, MirrorStore, plan_runs
+
+# The roles whose keys the mirror admits (with Curve): the client it mirrors.
+ADMITTED_ROLES: tuple[Role, ...] = ("client",)
 
 log = logging.getLogger("mirror")
 
@@ -421,6 +425,7 @@ class MirrorServer:
         *,
         queue_pages: int,
         drain_timeout: float,
+        security: Security | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -428,6 +433,9 @@ class MirrorServer:
         self.router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         # A client that vanished must not make us block or raise; its replies are dropped.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # With Curve only client keys are admitted (ADMITTED_ROLES), and the mirror holds
+        # one device's pages, not a tenant's: no per-request check is needed.
+        (security or Security.insecure()).server_socket(self.router)
         self.queue = OpQueue(queue_pages)
         self.pipe = ReplyPipe()
         self.writer = MirrorWriter(store, metrics)

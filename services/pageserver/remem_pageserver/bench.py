@@ -3,7 +3,8 @@
 Starts a real page server process, drives it with a pipelined DEALER client, then fills it
 to 1M pages (4 GiB) and reads its RSS from /proc: overhead = RSS - page bytes, over page bytes.
 Prints a table and one JSON line. Environment: BENCH_PAGES (default 1048576), BENCH_BATCH
-(64), BENCH_WINDOW (8), BENCH_SHM (arena path, default /dev/shm/remem-bench.arena).
+(64), BENCH_WINDOW (8), BENCH_SHM (arena path, default /dev/shm/remem-bench.arena),
+BENCH_CURVE (1, the services' default: CurveZMQ with fresh keys; 0: plaintext, --insecure).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,7 @@ from remem_common.protocol.pages import (
     checksum_pages,
     make_keys,
 )
+from remem_common.security import Security, load_public_key, write_keypair
 from remem_common.testing import start_service
 
 TENANT = "bench"
@@ -39,6 +43,14 @@ def rss_breakdown(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far: what a phase cost the server, which
+    unlike its rate does not depend on how busy the machine's other cores are."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def put_batches(
@@ -75,6 +87,22 @@ def main() -> int:
     window = int(os.environ.get("BENCH_WINDOW", 8))
     shm = os.environ.get("BENCH_SHM", "/dev/shm/remem-bench.arena")
     capacity = total * PAGE_SIZE
+    curve = os.environ.get("BENCH_CURVE", "1") != "0"
+    key_dir = Path(tempfile.mkdtemp(prefix="remem-bench-keys-"))
+    security_args = ["--insecure"]
+    client_security: dict[str, Any] = {}
+    if curve:
+        server_key, _ = write_keypair(key_dir, "bench-pageserver", "pageserver", None)
+        _, client_secret = write_keypair(key_dir, "bench-client", "client", TENANT)
+        security_args = [
+            "--no-insecure",
+            "--curve-secret-key", str(key_dir / "bench-pageserver.key_secret"),
+            "--curve-authorized", str(key_dir),
+        ]  # fmt: skip
+        client_security = {
+            "security": Security.curve(client_secret),
+            "server_key": load_public_key(server_key),
+        }
     server = start_service(
         "pageserver",
         [
@@ -88,23 +116,28 @@ def main() -> int:
             "--shm-path",
             shm,
             "--forget",
+            *security_args,
         ],
     )
-    results: dict[str, Any] = {"pages": total, "batch": batch, "window": window}
+    results: dict[str, Any] = {"pages": total, "batch": batch, "window": window, "curve": curve}
     try:
         rng = np.random.default_rng(7)
         data = rng.integers(0, 256, size=(batch, PAGE_SIZE), dtype=np.uint8)
         crcs = checksum_pages(data)
         idle = rss_breakdown(server.pid)
-        with PageServerClient(server.ready["endpoint"], timeout=30) as client:
+        with PageServerClient(server.ready["endpoint"], timeout=30, **client_security) as client:
+            cpu = cpu_seconds(server.pid)
             started = time.perf_counter()
             client.pipeline(put_batches(total, batch, data, crcs, client), window)
             put_s = time.perf_counter() - started
+            put_cpu = cpu_seconds(server.pid) - cpu
             full = rss_breakdown(server.pid)
             reads = min(total, 262144)
+            cpu = cpu_seconds(server.pid)
             started = time.perf_counter()
             client.pipeline(get_batches(reads, total, batch, client, rng), window)
             get_s = time.perf_counter() - started
+            get_cpu = cpu_seconds(server.pid) - cpu
             single = 20000
             started = time.perf_counter()
             client.pipeline(get_batches(single, total, 1, client, rng), 1)
@@ -117,6 +150,8 @@ def main() -> int:
             get_pages_per_s=round(reads / get_s),
             get_mib_per_s=round(reads * PAGE_SIZE / get_s / 2**20),
             get_single_page_qd1_per_s=round(single / single_s),
+            server_cpu_us_per_put_page=round(put_cpu / total * 1e6, 2),
+            server_cpu_us_per_get_page=round(get_cpu / reads * 1e6, 2),
             rss_idle_bytes=idle["VmRSS"],
             rss_full_bytes=full["VmRSS"],
             rss_shmem_bytes=full["RssShmem"],
@@ -128,10 +163,18 @@ def main() -> int:
         server.stop()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(shm)
-    print(f"page server, batches of {batch} pages, {window} in flight, loopback")
+        for path in key_dir.iterdir():
+            path.unlink()
+        key_dir.rmdir()
+    mode = "CurveZMQ" if curve else "plaintext (--insecure)"
+    print(f"page server, batches of {batch} pages, {window} in flight, loopback, {mode}")
     print(f"  PUT  {results['put_pages_per_s']:>10,} pages/s  {results['put_mib_per_s']:>6} MiB/s")
     print(f"  GET  {results['get_pages_per_s']:>10,} pages/s  {results['get_mib_per_s']:>6} MiB/s")
     print(f"  GET 1 page QD1 {results['get_single_page_qd1_per_s']:>10,} req/s")
+    print(
+        f"  server CPU per page: PUT {results['server_cpu_us_per_put_page']} us, "
+        f"GET {results['server_cpu_us_per_get_page']} us"
+    )
     print(
         f"  RAM with {total:,} pages: RSS {results['rss_full_bytes'] / 2**20:,.0f} MiB, "
         f"pages {total * PAGE_SIZE / 2**20:,.0f} MiB, overhead "

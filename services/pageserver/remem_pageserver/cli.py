@@ -14,6 +14,7 @@ from remem_common.config import bind_address, load_config
 from remem_common.logs import setup_logging
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.protocol.pageserver_placement import HeartbeatRequest, RegisterServerRequest
+from remem_common.security import KeyFileError, Security, load_public_key
 
 from remem_pageserver.config import (
     ENV_PREFIX,
@@ -21,7 +22,7 @@ from remem_pageserver.config import (
     advertised_endpoint,
 )
 from remem_pageserver.metrics import PageServerMetrics, StoreGauges
-from remem_pageserver.server import PageServer
+from remem_pageserver.server import ADMITTED_ROLES, PageServer
 from remem_pageserver.store import ArenaError, PageStore
 
 
@@ -45,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = setup_logging("pageserver", config.log_level)
     try:
+        security = Security.from_settings(config, "pageserver")
+        placement_key = (
+            load_public_key(config.placement_public_key) if config.placement_public_key else None
+        )
+    except KeyFileError as exc:
+        sys.stderr.write(f"remem pageserver: {exc}\n")
+        return 2
+    try:
         store = PageStore(config.shm_path, config.capacity_pages, forget=config.forget)
     except (ArenaError, OSError) as exc:
         sys.stderr.write(f"remem pageserver: {exc}\n")
@@ -58,14 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     metrics = PageServerMetrics(REGISTRY)
+    security.serve(context, ADMITTED_ROLES, metrics.auth)
     try:
         bound_listen = bind_address(config.listen)
         server_port_hint = bound_listen.rsplit(":", 1)[-1]
         server_id = config.server_id or f"{socket.gethostname()}-{server_port_hint}"
-        server = PageServer(config, store, metrics, context, server_id=server_id)
+        server = PageServer(config, store, metrics, context, server_id=server_id, security=security)
         bound = server.bind(bound_listen)
     except zmq.ZMQError as exc:
         sys.stderr.write(f"remem pageserver: cannot bind {config.listen}: {exc}\n")
+        security.close()
         store.close()
         return 1
     if config.server_id is None and server_port_hint == "*":
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(
             f"remem pageserver: cannot serve metrics on port {config.metrics_port}: {exc}\n"
         )
+        security.close()
         store.close()
         return 1
     metrics_host = config.metrics_host
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 used_bytes=store.used_pages * PAGE_SIZE,
                 zone=config.zone,
                 started_at=server.started_at,
+                public_key=security.public_key,
             ),
             lambda msg_id: HeartbeatRequest(
                 msg_id=msg_id,
@@ -118,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 capacity_bytes=store.capacity_pages * PAGE_SIZE,
                 under_pressure=under_pressure(),
             ),
+            placement_key,
         )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -126,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "ready endpoint=%s metrics=%s server_id=%s zone=%s capacity_pages=%d pages=%d",
+        "ready endpoint=%s metrics=%s server_id=%s zone=%s capacity_pages=%d pages=%d curve=%s",
         endpoint,
         metrics_url,
         server.server_id,
         config.zone,
         store.capacity_pages,
         store.used_pages,
+        "on" if security.enabled else "off",
     )
     started = time.monotonic()
     try:
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         http_server.shutdown()
         store.close()
+        security.close()
         context.term()
     log.info("stopped after %.1fs", time.monotonic() - started)
     return 0

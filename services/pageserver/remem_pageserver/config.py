@@ -6,15 +6,15 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, field_validator
-from remem_common.config import ServiceConfig
+from pydantic import ByteSize, Field, field_validator, model_validator
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.protocol.pageserver_placement import ServerId, Zone
+from remem_common.security import CurveSettings
 
 ENV_PREFIX = "REMEM_PAGESERVER_"
 
 
-class PageServerConfig(ServiceConfig):
+class PageServerConfig(CurveSettings):
     """What a page server needs to know before it binds anything."""
 
     capacity: ByteSize = Field(description="RAM to donate for pages, e.g. 64MiB or 4GiB")
@@ -31,6 +31,9 @@ class PageServerConfig(ServiceConfig):
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="0 picks a free port")
     zone: Zone = Field(default="default", description="failure domain (rack, host, AZ)")
     placement: str | None = Field(default=None, description="placement's ZeroMQ endpoint")
+    placement_public_key: Path | None = Field(
+        default=None, description="placement's public certificate (NAME.key), with Curve"
+    )
     server_id: ServerId | None = Field(
         default=None, description="stable id for placement (default: host name and port)"
     )
@@ -59,6 +62,12 @@ class PageServerConfig(ServiceConfig):
         if value is not None and not value.startswith(("tcp://", "ipc://")):
             raise ValueError("must be a ZeroMQ endpoint like tcp://127.0.0.1:7100 or ipc://PATH")
         return value
+
+    @model_validator(mode="after")
+    def _placement_key(self) -> PageServerConfig:
+        if self.placement:
+            self.require_peer_key("--placement-public-key", self.placement_public_key is not None)
+        return self
 
     @property
     def capacity_pages(self) -> int:

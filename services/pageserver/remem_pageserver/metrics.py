@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from remem_common.protocol.envelope import MALFORMED_REASONS
+from remem_common.security import AuthMetrics
 
 OPS = ("put", "get", "delete", "inventory", "drop_slab", "push_slab", "receive_slab")
 RESULTS = ("ok", "error")
@@ -55,6 +56,7 @@ class PageServerMetrics:
     """Every metric the page server exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.auth = AuthMetrics(registry, "pageserver")
         self.requests = Counter(
             "pageserver_requests_total",
             "Requests handled, by operation and result",

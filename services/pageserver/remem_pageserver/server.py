@@ -60,6 +60,13 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
     SlabInventory,
 )
+from remem_common.security import (
+    Identity,
+    KeyFileError,
+    Role,
+    Security,
+    permits,
+)
 
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
@@ -104,6 +111,19 @@ MAX_BURST = 256
 PUSH_CHUNK_PAGES = 256
 PUSH_WINDOW = 4
 POLL_MS = 100
+# Who may send what (with Curve): clients their own tenant's pages, placement its slab
+# orders, peers the pushed pages of any tenant. Without Curve everyone may do everything.
+ROLES_OF: dict[str, tuple[Role, ...]] = {
+    "put_pages_request": ("client",),
+    "get_pages_request": ("client",),
+    "delete_pages_request": ("client",),
+    "list_inventory_request": ("placement",),
+    "drop_slab_request": ("placement",),
+    "push_slab_request": ("placement",),
+    "receive_slab_pages_request": ("pageserver",),
+}
+# The roles whose keys the page server admits at all.
+ADMITTED_ROLES: tuple[Role, ...] = ("client", "placement", "pageserver")
 
 Frames = list[Any]
 
@@ -134,9 +154,13 @@ class PlacementLink:
         make_register: Callable[[int], RegisterServerRequest],
         make_heartbeat: Callable[[int], HeartbeatRequest],
         metrics: PageServerMetrics,
+        *,
+        security: Security,
+        placement_key: str | None,
     ) -> None:
         self.socket: zmq.Socket[bytes] = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        security.client_socket(self.socket, placement_key)
         # Queue nothing for a placement that is down: a stale heartbeat delivered later lies.
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.connect(endpoint)
@@ -229,8 +253,10 @@ class PageServer:
         context: zmq.Context[zmq.Socket[bytes]],
         *,
         server_id: str,
+        security: Security | None = None,
     ) -> None:
         self.config = config
+        self.security = security or Security.insecure()
         self.store = store
         self.metrics = metrics
         self.context = context
@@ -239,6 +265,7 @@ class PageServer:
         self.router.setsockopt(zmq.LINGER, 0)
         # A client that vanished must not make us block or raise; its replies are dropped.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.security.server_socket(self.router)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.placement: PlacementLink | None = None
@@ -273,9 +300,16 @@ class PageServer:
         endpoint: str,
         make_register: Callable[[int], RegisterServerRequest],
         make_heartbeat: Callable[[int], HeartbeatRequest],
+        placement_key: str | None = None,
     ) -> None:
         self.placement = PlacementLink(
-            self.context, endpoint, make_register, make_heartbeat, self.metrics
+            self.context,
+            endpoint,
+            make_register,
+            make_heartbeat,
+            self.metrics,
+            security=self.security,
+            placement_key=placement_key,
         )
         self._placement_thread = threading.Thread(
             target=self.placement.run,
@@ -367,6 +401,7 @@ class PageServer:
             msg, payload = decode(body, SERVED_ADAPTER)
             msg_id = msg.msg_id
             op = OP_OF[msg.type]
+            self._authorize(self.security.identity(frames[0]), msg)
             reply = self._handlers[msg.type](routing, msg, payload)
             failed = False
         except ProtocolError as exc:
@@ -387,6 +422,14 @@ class PageServer:
             self.router.send_multipart([*routing, *reply], flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a reply: the client is not reading")
+
+    def _authorize(self, identity: Identity | None, msg: Any) -> None:
+        """Raise `forbidden` unless the sender's key may make this request (and counts it)."""
+        tenant = getattr(msg, "tenant", None)
+        if permits(identity, ROLES_OF[msg.type], tenant):
+            return
+        what = f"{OP_OF[msg.type]} pages of tenant {tenant}" if tenant else OP_OF[msg.type]
+        raise self.metrics.auth.forbid(identity, what, msg.msg_id)
 
     @staticmethod
     def _error(code: ErrorCode, detail: str, parent_id: int) -> Frames:
@@ -485,6 +528,16 @@ class PageServer:
         self._expect_frames(payload, 0, msg.type)
         sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.security.client_socket(sock, msg.target_public_key)
+        except KeyFileError:
+            sock.close(linger=0)
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                "push_slab_request needs target_public_key: this page server runs Curve",
+                reason="bad_fields",
+                msg_id=msg.msg_id,
+            ) from None
         try:
             sock.connect(msg.target_endpoint)
         except zmq.ZMQError as exc:

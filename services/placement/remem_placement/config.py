@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
-from remem_common.config import ServiceConfig
 from remem_common.protocol.pages import SLAB_BYTES
+from remem_common.security import CurveSettings
 
 from remem_placement.policy import PolicySettings
 
@@ -14,7 +14,7 @@ ENV_PREFIX = "REMEM_PLACEMENT_"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7000"
 
 
-class PlacementConfig(ServiceConfig):
+class PlacementConfig(CurveSettings):
     """What placement needs to know before it binds anything.
 
     Liveness defaults: page servers heartbeat every 0.25 s; a server silent for 0.75 s is

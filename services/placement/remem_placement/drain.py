@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.placement_client import PlacementError, PlacementTimeout
 
 from remem_placement.tools import ToolParser
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     err = sys.stderr
     tty = err.isatty()
     try:
-        with PlacementClient(args.placement, timeout=args.timeout) as client:
+        with parser.placement_client(args) as client:
             reply = client.drain(args.server, cancel=args.cancel)
             if args.cancel or args.no_wait:
                 word = "cancelled" if args.cancel else "started"

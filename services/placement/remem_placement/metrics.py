@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from remem_common.protocol.admin_placement import SERVER_STATES
 from remem_common.protocol.envelope import MALFORMED_REASONS
+from remem_common.security import AuthMetrics
 
 OPS = ("register", "heartbeat", "allocate", "get_map", "report_failure", "status", "drain")
 RESULTS = ("ok", "error")
@@ -58,6 +59,7 @@ class PlacementMetrics:
     """Every metric placement exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.auth = AuthMetrics(registry, "placement")
         self.requests = Counter(
             "placement_requests_total",
             "Requests handled, by operation and result",

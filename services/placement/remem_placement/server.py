@@ -64,6 +64,13 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerReply,
     RegisterServerRequest,
 )
+from remem_common.security import (
+    Identity,
+    KeyFileError,
+    Role,
+    Security,
+    permits,
+)
 
 from remem_placement.config import PlacementConfig
 from remem_placement.metrics import PlacementMetrics
@@ -105,6 +112,18 @@ OP_OF = {
     "drain_server_request": "drain",
 }
 POLL_MS = 50
+# Who may send what (with Curve): page servers register and heartbeat, clients ask about
+# their own tenant's volumes, admins see everything. Without Curve everyone may do anything.
+ROLES_OF: dict[str, tuple[Role, ...]] = {
+    "register_server_request": ("pageserver",),
+    "heartbeat_request": ("pageserver",),
+    "allocate_slab_request": ("client",),
+    "get_map_request": ("client",),
+    "report_failure_request": ("client",),
+    "get_status_request": ("admin",),
+    "drain_server_request": ("admin",),
+}
+ADMITTED_ROLES: tuple[Role, ...] = ("pageserver", "client", "admin")
 PLAN_INTERVAL = 0.05
 MAX_BURST = 256
 # A page server that does not answer an inventory or drop in this long has its request
@@ -147,8 +166,12 @@ class PlacementServer:
         metrics: PlacementMetrics,
         context: zmq.Context[zmq.Socket[bytes]],
         utilization: UtilizationPoller,
+        security: Security | None = None,
     ) -> None:
         self.config = config
+        self.security = security or Security.insecure()
+        # server_id -> the Curve public key it registered (its data endpoint's key).
+        self.server_keys: dict[str, str] = {}
         self.cluster = cluster
         self.metrics = metrics
         self.context = context
@@ -156,6 +179,7 @@ class PlacementServer:
         self.router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.security.server_socket(self.router)
         self.publisher: zmq.Socket[bytes] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -185,6 +209,7 @@ class PlacementServer:
     def bind_publish(self, endpoint: str) -> str:
         self.publisher = self.context.socket(zmq.PUB)
         self.publisher.setsockopt(zmq.LINGER, 0)
+        self.security.server_socket(self.publisher)
         return _bind(self.publisher, endpoint)
 
     def request_stop(self) -> None:
@@ -239,7 +264,8 @@ class PlacementServer:
     def _drain_router(self) -> None:
         for _ in range(MAX_BURST):
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK)
+                # copy=False: each Frame carries its sender's User-Id (Curve identity).
+                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.metrics.bytes_in.inc(_frames_bytes(frames))
@@ -262,6 +288,8 @@ class PlacementServer:
                     msg_id=msg_id,
                 )
             op = OP_OF[msg.type]
+            identity = self.security.identity(frames[0])
+            self._authorize(identity, msg)
             reply = self._handlers[msg.type](msg)
         except ProtocolError as exc:
             if exc.reason in MALFORMED_REASONS:
@@ -286,6 +314,25 @@ class PlacementServer:
             self.router.send_multipart(out, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a reply: the peer is not reading")
+
+    def _authorize(self, identity: Identity | None, msg: Any) -> None:
+        """Raise `forbidden` unless the sender's key may make this request (and count it)."""
+        tenant = getattr(msg, "tenant", None)
+        allowed = permits(identity, ROLES_OF[msg.type], tenant)
+        what = f"{OP_OF[msg.type]} for tenant {tenant}" if tenant else OP_OF[msg.type]
+        if (
+            allowed
+            and identity is not None
+            and isinstance(msg, RegisterServerRequest)
+            and msg.public_key != identity.public_key
+        ):
+            # A page server announces the key of its data endpoint, which is the key it
+            # authenticates with: no page server can make clients trust another key.
+            allowed = False
+            what = "register a public key other than its own"
+        if allowed:
+            return
+        raise self.metrics.auth.forbid(identity, what, msg.msg_id)
 
     @staticmethod
     def _error(msg_id: int, code: ErrorCode, detail: str) -> ErrorReply:
@@ -315,8 +362,13 @@ class PlacementServer:
             wall=time.time(),
         )
         link = self.links.get(msg.server_id)
-        if link is not None and link.endpoint != msg.data_endpoint:
+        if link is not None and (
+            link.endpoint != msg.data_endpoint
+            or self.server_keys.get(msg.server_id) != msg.public_key
+        ):
             self._close_link(msg.server_id)
+        if msg.public_key is not None:
+            self.server_keys[msg.server_id] = msg.public_key
         self._send_order(msg.server_id, ListInventoryRequest(msg_id=self._next_id()), "inventory")
         self.utilization.soon()
         return RegisterServerReply(
@@ -345,7 +397,11 @@ class PlacementServer:
 
     def _refs(self, server_ids: list[str]) -> list[ReplicaRef]:
         return [
-            ReplicaRef(server_id=sid, endpoint=self.cluster.servers[sid].endpoint)
+            ReplicaRef(
+                server_id=sid,
+                endpoint=self.cluster.servers[sid].endpoint,
+                public_key=self.server_keys.get(sid),
+            )
             for sid in server_ids
         ]
 
@@ -405,6 +461,9 @@ class PlacementServer:
         return reply.model_copy(
             update={
                 "servers": {sid: cluster.servers[sid].endpoint for sid in sorted(used)},
+                "server_keys": {
+                    sid: self.server_keys[sid] for sid in sorted(used) if sid in self.server_keys
+                },
                 "slabs": [
                     (number, list(slab.replicas), list(slab.filling))
                     for number, slab in slabs.items()
@@ -547,6 +606,12 @@ class PlacementServer:
         sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            self.security.client_socket(sock, self.server_keys.get(server_id))
+        except KeyFileError:
+            sock.close(linger=0)
+            log.warning("no public key registered by server_id=%s: cannot reach it", server_id)
+            return None
+        try:
             sock.connect(server.endpoint)
         except zmq.ZMQError as exc:
             # The protocol refuses endpoints libzmq cannot parse; should one slip through,
@@ -631,6 +696,7 @@ class PlacementServer:
                 volume=volume,
                 slab=slab,
                 target_endpoint=target.endpoint,
+                target_public_key=self.server_keys.get(push.target),
                 timeout=min(PUSH_IDLE_TIMEOUT, self.config.push_timeout),
             ),
             "push",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.placement_client import PlacementError, PlacementTimeout
 from remem_common.protocol.admin_placement import GetStatusReply
 
 from remem_placement.tools import ToolParser, human_bytes
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        with PlacementClient(args.placement, timeout=args.timeout) as client:
+        with parser.placement_client(args) as client:
             status = client.status()
     except (PlacementError, PlacementTimeout) as exc:
         sys.stderr.write(f"remem status: {exc}\n")

@@ -30,7 +30,11 @@ drain_server_request(server_id, cancel=False)
 A push in flight is first waiting (`copying` false) until a client of the volume has polled
 the map that lists the target as filling (or `--map-settle` passed), then copying.
 
-Errors: `error_reply` with `malformed`, `unknown_type`, `unsupported_version`, `not_found`.
+Security (Curve, see `remem_common.security`): both requests need a key of role admin
+(`remem keys --role admin`); any other key is answered `forbidden`.
+
+Errors: `error_reply` with `forbidden`, `malformed`, `unknown_type`, `unsupported_version`,
+`not_found`.
 """
 
 from __future__ import annotations

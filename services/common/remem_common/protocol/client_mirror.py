@@ -14,7 +14,8 @@ one connection strictly in arrival order (one FIFO, one writer): a read sees eve
 sent before it, and a later write of a page always wins over an earlier one. Replies come
 back in that same order and are matched by `parent_id`.
 
-A client sends `[b"", header, payload...]`; the ROUTER adds the routing id.
+A client sends `[b"", header, payload...]`; the ROUTER adds the routing id. With Curve (see
+`remem_common.security`) the mirror admits only authorized keys of role client.
 
 Messages and their payload frames
 ---------------------------------

@@ -34,9 +34,12 @@ slabs but holds each page once.
 - DELETE (trim) frees the pages; absent pages are not an error. The reply counts the freed.
 
 Pages belong to their tenant: a key is only ever looked up under the request's tenant, so no
-request reaches another tenant's pages.
+request reaches another tenant's pages. With Curve (see `remem_common.security`) the tenant is
+bound to the sender's key: a PUT, GET or DELETE whose `tenant` differs from the tenant of the
+client key that sent it, or sent by a key that is not a client's, is answered `forbidden` and
+changes nothing. Without a known key the handshake never completes: no reply at all.
 
-Errors: `error_reply` with `malformed` (bad frames, counts, lengths), `unknown_type`,
+Errors: `error_reply` with `forbidden`, `malformed` (bad frames, counts, lengths), `unknown_type`,
 `unsupported_version`, `no_space`, `bad_checksum`, `shutting_down`.
 """
 

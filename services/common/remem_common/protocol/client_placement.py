@@ -64,7 +64,12 @@ report_failure_request(tenant, volume, slab, server_id, detail, missed_write=fal
     reads that slab from the other replicas meanwhile. Ignored when the server is the slab's
     last replica: a stale copy is then all there is.
 
-Errors: `error_reply` (see `envelope`) with `malformed`, `unknown_type`,
+Security (Curve, see `remem_common.security`): each replica's `public_key` (and the map's
+`server_keys`) is the page server's Curve key, which a client needs to connect to it. A client
+key may only allocate, map and report slabs of its own tenant: any other tenant is answered
+`forbidden`.
+
+Errors: `error_reply` (see `envelope`) with `forbidden`, `malformed`, `unknown_type`,
 `unsupported_version`, `no_space` (no eligible page server), `unavailable` (placement is
 still rebuilding its map after a restart: retry after `restart_grace`), `not_found` (report
 about an unknown server).
@@ -78,7 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
 from remem_common.protocol.envelope import Reply, Request
-from remem_common.protocol.pageserver_placement import Endpoint, ServerId
+from remem_common.protocol.pageserver_placement import CurveKey, Endpoint, ServerId
 
 MAX_REPLICAS = 8
 
@@ -93,6 +98,7 @@ class ReplicaRef(BaseModel):
 
     server_id: ServerId
     endpoint: Endpoint
+    public_key: CurveKey | None = None  # with Curve: the page server's public key
 
 
 class AllocateSlabRequest(Request):
@@ -133,6 +139,7 @@ class GetMapReply(Reply):
     epoch: int = Field(ge=0)
     changed: bool
     servers: dict[ServerId, Endpoint] = Field(default_factory=dict)
+    server_keys: dict[ServerId, CurveKey] = Field(default_factory=dict)
     slabs: list[SlabRow] = Field(default_factory=list)
     degraded: list[SlabId] = Field(default_factory=list)
 

@@ -16,7 +16,11 @@ the new map) while the push is in flight; the pushed copy is older. So the targe
 pushed page only where it holds none yet, unless `overwrite` is set (used when the target's
 copy is known stale). The reply counts pages stored and pages skipped as already present.
 
-Errors: `error_reply` with `malformed`, `bad_checksum` (nothing of the chunk stored),
+Security (Curve, see `remem_common.security`): the source connects with its own page server
+key to the target key placement gave it (`target_public_key`); only a key of role pageserver
+may send `receive_slab_pages_request` (for any tenant), anything else is `forbidden`.
+
+Errors: `error_reply` with `forbidden`, `malformed`, `bad_checksum` (nothing of the chunk stored),
 `no_space` (nothing of the chunk stored).
 """
 

@@ -26,6 +26,11 @@ A -> B and never passes through placement. The reply counts pages and bytes sent
 Endpoints (`data_endpoint`, `target_endpoint`) must be connectable ZeroMQ addresses:
 `tcp://HOST:PORT` with a port 1..65535 and no wildcard, `ipc://PATH` or `inproc://NAME`; any
 other value is `malformed` (a DEALER's connect refuses it, so it could never be served).
+Security (Curve, see `remem_common.security`): a page server registers the public key of its
+data endpoint (`public_key`, which must be the key it authenticates with; placement answers
+`forbidden` otherwise), placement connects to it and hands the key to clients and to pushing
+peers (`target_public_key`). Registration and heartbeats need a key of role pageserver; slab
+orders (inventory, drop, push) one of role placement; anything else is `forbidden`.
 
 No payload frames on this boundary. Errors: `error_reply` (see `envelope`).
 """
@@ -59,6 +64,8 @@ Endpoint = Annotated[
     str, Field(pattern=r"^(tcp|ipc|inproc)://\S{1,250}$"), AfterValidator(_connectable)
 ]
 Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
+# A z85-encoded CurveZMQ public key (40 characters); see `remem_common.security`.
+CurveKey = Annotated[str, Field(pattern=r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")]
 
 
 class RegisterServerRequest(Request):
@@ -72,6 +79,7 @@ class RegisterServerRequest(Request):
     used_bytes: int = Field(ge=0)
     zone: Zone
     started_at: float
+    public_key: CurveKey | None = None  # with Curve: the key of its data endpoint
 
 
 class RegisterServerReply(Reply):
@@ -137,6 +145,7 @@ class PushSlabRequest(Request):
     volume: VolumeId
     slab: SlabId
     target_endpoint: Endpoint
+    target_public_key: CurveKey | None = None  # with Curve: the target's server key
     timeout: float = Field(default=10.0, gt=0, le=600)
 
 
