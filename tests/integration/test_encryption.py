@@ -9,6 +9,7 @@ the other replica), driven through NBD by nbdcopy and qemu-io.
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -200,32 +201,48 @@ def test_a_tampered_page_is_read_from_the_other_replica(
     write_pages(uri, tmp_path, first, data)
     before = scrape_metrics(sealed_client.ready["metrics"])["client_page_auth_failures_total"]
 
-    # Each replica gets one page altered, a different one on each, with its checksum fixed
-    # up so only the AEAD tag can tell: whichever replica a read prefers, one altered copy
-    # is read, and the other replica holds that page intact.
+    # Each replica gets pages altered, different ones on each, with their checksums fixed up
+    # so only the AEAD tag can tell: whichever replica a read prefers, one altered copy is
+    # read, and the other replica holds that page intact. The client then writes the intact
+    # copy back over the altered one (read repair), so each phase alters fresh pages.
     holders = [
         arena
         for arena in (Arena.open(cluster.arena(i)) for i in range(3))
         if arena.slot_of("sealed", 0, first) is not None
     ]
     assert len(holders) == 2
-    for arena, page in zip(holders, (first + 1, first + 2), strict=True):
-        slot = arena.slot_of("sealed", first // SLAB_PAGES, page % SLAB_PAGES)
-        assert slot is not None
-        arena.data[slot, 100:108] ^= 0x5A
-        arena.slots["crc"][slot] = crc32c.crc32c(arena.data[slot].tobytes())
-        arena.raw.flush()
+
+    def tamper(pages: tuple[int, int]) -> None:
+        for arena, page in zip(holders, pages, strict=True):
+            slot = arena.slot_of("sealed", first // SLAB_PAGES, page % SLAB_PAGES)
+            assert slot is not None
+            arena.data[slot, 100:108] ^= 0x5A
+            arena.slots["crc"][slot] = crc32c.crc32c(arena.data[slot].tobytes())
+            arena.raw.flush()
+
+    def auth_failures() -> float:
+        return scrape_metrics(sealed_client.ready["metrics"])["client_page_auth_failures_total"]
+
+    def repaired() -> float:
+        metrics = scrape_metrics(sealed_client.ready["metrics"])
+        return metrics['client_read_repairs_total{result="ok"}']
 
     socket_path = cluster.socket("sealed")
+    tamper((first + 1, first + 2))
+    repairs_before = repaired()
     assert read_pages(socket_path, first, 128) == data  # the general read path
-    after_bulk = scrape_metrics(sealed_client.ready["metrics"])["client_page_auth_failures_total"]
+    after_bulk = auth_failures()
     assert after_bulk >= before + 1
+    deadline = time.monotonic() + 30
+    while repaired() < repairs_before + 1:  # the altered copy read is replaced by the intact one
+        assert time.monotonic() < deadline, "no read repair after an authentication failure"
+        time.sleep(0.1)
     # Single-page reads take the client's fast path, which hands over to the general one.
-    for page in (first + 1, first + 2):
+    tamper((first + 5, first + 6))
+    for page in (first + 5, first + 6):
         offset = (page - first) * PAGE_SIZE
         assert read_pages(socket_path, page, 1) == data[offset : offset + PAGE_SIZE]
-    after_single = scrape_metrics(sealed_client.ready["metrics"])["client_page_auth_failures_total"]
-    assert after_single >= after_bulk + 1
+    assert auth_failures() >= after_bulk + 1
     assert sealed_client.proc.poll() is None
 
 
