@@ -123,10 +123,14 @@ def start_remote(folder: Path) -> list[ServiceProcess]:
                     "--shm-path", str(folder / f"ps-{index}.arena"), "--forget"]  # fmt: skip
             started.append(start_service(f"ps-fuzz-{index}", args))
         wait_registered(placement, {"ps-0", "ps-1"})
+        # A generous replica timeout: on a 2-core machine shared with other suites a 32 MiB
+        # READ can take longer than the default 1 s, and the designed EIO that follows is not
+        # what this fuzzer is about.
         args = ["client", "--backend", "remote", "--replicas", "2", "--size", str(SIZE),
                 "--placement", placement.ready["endpoint"],
                 "--nbd-socket", str(folder / "nbd.sock"), "--metrics-port", "0",
-                "--no-lock-memory", "--page-key", str(folder / "page.key")]  # fmt: skip
+                "--no-lock-memory", "--replica-timeout", "15",
+                "--page-key", str(folder / "page.key")]  # fmt: skip
         return [start_service("client-fuzz", args), *started]
     except BaseException:
         for service in started:
