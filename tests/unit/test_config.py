@@ -74,7 +74,7 @@ def test_remote_client_needs_a_page_key_unless_told_not_to_encrypt(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     base = ["--backend", "remote", "--placement", "tcp://127.0.0.1:1", "--size", "64MiB",
-            "--nbd-socket", "/tmp/x.sock"]  # fmt: skip
+            "--nbd-socket", "/tmp/x.sock", "--insecure"]  # fmt: skip
 
     def load_client(argv: list[str]) -> ClientConfig:
         return load_config(ClientConfig, argv, prog="remem client", env_prefix="X_", environ={})

@@ -146,7 +146,8 @@ async def test_a_client_key_of_another_tenant_stops_the_client_at_start(tmp_path
         ["--size", "1MiB", "--nbd-socket", str(tmp_path / "nbd.sock"), "--backend", "remote",
          "--placement", "tcp://127.0.0.1:1", "--tenant", "b",
          "--curve-secret-key", str(tmp_path / "alice.key_secret"),
-         "--placement-public-key", str(tmp_path / "placement.key")],
+         "--placement-public-key", str(tmp_path / "placement.key"),
+         "--page-key", str(tmp_path / "page.key")],
         prog="c", env_prefix=CLIENT_PREFIX, environ={},
     )  # fmt: skip
     with pytest.raises(StartupError, match="key of tenant a, not of --tenant b"):

@@ -24,7 +24,6 @@ import logging
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -312,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a whole remem cluster on this machine.",
     )
     setup_logging("up", config.log_level)
-    stop = threading.Event()
+    # A plain list, not a threading.Event: a handler runs between two bytecodes of the main
+    # thread, which may be inside Event.wait() holding the Event's lock, so Event.set() from
+    # the handler can deadlock (seen with a second signal).
+    stop: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        stop.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -334,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     dead = None
     lost: set[str] = set()
-    while not stop.wait(0.2):
+    while not stop:
+        time.sleep(0.2)  # a supervisor's poll of its children, not a wait for readiness
+        if stop:
+            break
         dead = cluster.first_dead()
         if dead is not None:
             log.error("%s exited with status %s; stopping the cluster", *dead)
