@@ -120,22 +120,22 @@ def unpack_crcs(frame: Any, count: int) -> U32Array:
     return crcs
 
 
+def _unpack_rows(frame: Any, count: int, width: int, what: str) -> PageArray:
+    view = memoryview(frame)
+    if view.nbytes != count * width:
+        raise _bad(f"{what} frame of {view.nbytes} bytes is not {count} x {width} bytes")
+    rows: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, width)
+    return rows
+
+
 def unpack_pages(frame: Any, count: int) -> PageArray:
     """View a data frame as a (count, 4096) uint8 array; refuses any other length."""
-    view = memoryview(frame)
-    if view.nbytes != count * PAGE_SIZE:
-        raise _bad(f"data frame of {view.nbytes} bytes is not {count} pages of {PAGE_SIZE}")
-    pages: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, PAGE_SIZE)
-    return pages
+    return _unpack_rows(frame, count, PAGE_SIZE, "data")
 
 
 def unpack_seals(frame: Any, count: int) -> PageArray:
     """View a seals frame as a (count, 28) uint8 array; refuses any other length."""
-    view = memoryview(frame)
-    if view.nbytes != count * SEAL_BYTES:
-        raise _bad(f"seals frame of {view.nbytes} bytes is not {count} seals of {SEAL_BYTES}")
-    seals: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, SEAL_BYTES)
-    return seals
+    return _unpack_rows(frame, count, SEAL_BYTES, "seals")
 
 
 def checksum_pages(pages: PageArray) -> U32Array:
