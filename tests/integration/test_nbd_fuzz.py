@@ -93,7 +93,9 @@ class World:
         for start, end in concurrent:
             mask[max(start - offset, 0) : max(end - offset, 0)] = False
         bad = np.flatnonzero((got != want) & mask)
-        assert not bad.size, f"READ at {offset}: {bad.size} bytes differ, first at +{bad[0]}"
+        assert not bad.size, (
+            f"READ at {offset}: {bad.size} bytes differ, first at +{bad[0]}\n{self.logs()}"
+        )
 
     def logs(self) -> str:
         """The last lines of every service's output, for a failure message."""
@@ -135,7 +137,11 @@ def start_remote(folder: Path) -> list[ServiceProcess]:
     """Placement, two page servers and a client writing every page to both."""
     started: list[ServiceProcess] = []
     try:
-        args = ["placement", "--listen", "tcp://127.0.0.1:0", "--metrics-port", "0", *FAST]
+        # Generous liveness: on a 2-core machine shared with other suites a page server busy
+        # with 32 MiB batches can miss heartbeats for over the default 1.5 s, and a server
+        # declared dead is not what this fuzzer is about.
+        args = ["placement", "--listen", "tcp://127.0.0.1:0", "--metrics-port", "0", *FAST,
+                "--suspect-after", "10", "--dead-after", "20"]  # fmt: skip
         placement = start_service("placement-fuzz", args)
         started.append(placement)
         for index in range(2):
