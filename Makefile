@@ -68,7 +68,8 @@ test-faults: deps install
 FUZZ_NBD_EXAMPLES ?= 3000
 FUZZ_ZMQ_SCALE ?= 5
 test-fuzz: deps install
-	REMEM_NBD_FUZZ_EXAMPLES=$(FUZZ_NBD_EXAMPLES) REMEM_ZMQ_FUZZ_SCALE=$(FUZZ_ZMQ_SCALE) \
+	REMEM_NBD_FUZZ_EXAMPLES=$(FUZZ_NBD_EXAMPLES) REMEM_NBD_FUZZ_BACKENDS="memory remote" \
+	  REMEM_ZMQ_FUZZ_SCALE=$(FUZZ_ZMQ_SCALE) \
 	  $(PYTEST) -m "fuzz and not slow and not root" -q --timeout 1800
 
 bench-pageserver: install
