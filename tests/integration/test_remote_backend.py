@@ -153,3 +153,32 @@ async def test_no_replica_left_is_an_io_error(cluster) -> None:
         await backend.pread(0, PAGE_SIZE)
     assert failed.value.errno == errno.EIO
     assert bytes(await backend.pread(SLAB_PAGES * PAGE_SIZE, 10)) == bytes(10)
+
+
+async def test_concurrent_overlapping_writes_end_in_an_order_they_arrived_in(cluster) -> None:
+    """A partial-page write reads its page back, patches it and writes it whole; a whole-page
+    write or trim of that page in flight at the same time must not be undone by it (the
+    bytes outside the patch would go back to what they were before either write)."""
+    backend, _, _ = cluster
+    page = 3 * PAGE_SIZE
+    old, new = random_bytes(PAGE_SIZE, 1), random_bytes(PAGE_SIZE, 2)
+    patch = random_bytes(100, 3)
+    for round_number in range(20):
+        await backend.pwrite(page, memoryview(old), False)
+        partial = backend.pwrite(page + 1000, memoryview(patch), False)
+        whole = backend.pwrite(page, memoryview(new), False)
+        if round_number % 2:  # either arrives first
+            await asyncio.gather(whole, partial)
+            expected = new[:1000] + patch + new[1100:]
+        else:
+            await asyncio.gather(partial, whole)
+            expected = new
+        assert bytes(await backend.pread(page, PAGE_SIZE)) == expected, round_number
+    # A trim racing a partial write: zeros, then the patch on zeros (trim arrived first).
+    await backend.pwrite(page, memoryview(old), False)
+    await asyncio.gather(
+        backend.trim(page, PAGE_SIZE), backend.pwrite(page + 1000, memoryview(patch), False)
+    )
+    assert bytes(await backend.pread(page, PAGE_SIZE)) == bytes(1000) + patch + bytes(
+        PAGE_SIZE - 1100
+    )

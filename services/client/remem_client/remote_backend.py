@@ -36,12 +36,14 @@ falls back to the mirror.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
+import itertools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -190,7 +192,11 @@ class RemoteBackend:
         # server id -> when it failed; skipped for FAILURE_BACKOFF seconds while placement
         # still lists it (a dead one leaves the map and is forgotten then).
         self._failed: dict[str, float] = {}
-        self._edge_locks: dict[int, asyncio.Lock] = {}
+        # Writes in flight by arrival: [first page, last page, edge pages a partial write
+        # reads back, future a later write waits on or None] (see _ordered_write).
+        self._writes_in_flight: dict[int, list[Any]] = {}
+        self._partial_writes = 0
+        self._write_arrivals = itertools.count()
         # Per slab: writes and trims ever started, and those in flight (read repair checks
         # them, see _read_repair); pages of read repair in flight.
         self._slab_writes = [0] * self.slab_count
@@ -775,9 +781,47 @@ class RemoteBackend:
         end = offset + len(data)
         if offset % PAGE_SIZE == 0 and end % PAGE_SIZE == 0:
             pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            await self._store(offset // PAGE_SIZE, pages)
+            first = offset // PAGE_SIZE
+            async with self._ordered_write(first, first + pages.shape[0] - 1):
+                await self._store(first, pages)
             return
         await self._read_modify_write(offset, end, lambda buf, skip: _patch(buf, skip, data))
+
+    @contextlib.asynccontextmanager
+    async def _ordered_write(
+        self, first: int, last: int, edges: tuple[int, ...] = ()
+    ) -> AsyncIterator[None]:
+        """Run a write of pages [first, last] in arrival order with the writes it could undo.
+
+        A partial write reads back its `edges` (the pages it patches) and writes them whole:
+        it waits for every earlier write touching an edge, or it could read a page before
+        that write lands and then put the old bytes back. A whole-page write or trim waits
+        for the earlier partial writes whose edges it covers, for the same reason. Waits
+        only ever point at earlier arrivals, so they cannot deadlock; whole-page writes with
+        no partial write in flight (the kernel's swap traffic) skip the scan."""
+        arrival = next(self._write_arrivals)
+        entry: list[Any] = [first, last, edges, None]
+        self._writes_in_flight[arrival] = entry
+        self._partial_writes += bool(edges)
+        try:
+            if edges or self._partial_writes:
+                for earlier, other in list(self._writes_in_flight.items()):
+                    if earlier >= arrival:
+                        break  # a dict keeps insertion order: the rest came later
+                    if edges:
+                        hit = any(other[0] <= page <= other[1] for page in edges)
+                    else:
+                        hit = any(first <= page <= last for page in other[2])
+                    if hit:
+                        if other[3] is None:
+                            other[3] = asyncio.get_running_loop().create_future()
+                        await other[3]
+            yield
+        finally:
+            del self._writes_in_flight[arrival]
+            self._partial_writes -= bool(edges)
+            if entry[3] is not None and not entry[3].done():
+                entry[3].set_result(None)
 
     async def _read_modify_write(
         self, offset: int, end: int, patch: Callable[[PageArray, int], None]
@@ -785,19 +829,10 @@ class RemoteBackend:
         """Write a range that does not start and end on page boundaries."""
         first = offset // PAGE_SIZE
         last = (end - 1) // PAGE_SIZE
-        edges = sorted({first, last})
-        locks = [self._edge_locks.setdefault(page, asyncio.Lock()) for page in edges]
-        for lock in locks:
-            await lock.acquire()
-        try:
+        async with self._ordered_write(first, last, tuple(sorted({first, last}))):
             pages = (await self._load(first, last - first + 1)).copy()
             patch(pages, offset - first * PAGE_SIZE)
             await self._store(first, pages)
-        finally:
-            for page, lock in zip(edges, locks, strict=True):
-                lock.release()
-                if not lock.locked() and self._edge_locks.get(page) is lock:
-                    del self._edge_locks[page]
 
     async def _store(self, first: int, pages: PageArray) -> None:
         """Write pages to every live replica and, behind them, to the mirror; with the
@@ -963,7 +998,10 @@ class RemoteBackend:
         end_page = (offset + length) // PAGE_SIZE
         if end_page <= first:
             return
-        count = end_page - first
+        async with self._ordered_write(first, end_page - 1):
+            await self._free_pages(first, end_page - first)
+
+    async def _free_pages(self, first: int, count: int) -> None:
         written = self._maybe_written(first, count)
         self._set_written(first, count, False)
         if self.mirror is not None:
