@@ -174,6 +174,17 @@ async def test_concurrent_overlapping_writes_end_in_an_order_they_arrived_in(clu
             await asyncio.gather(partial, whole)
             expected = new
         assert bytes(await backend.pread(page, PAGE_SIZE)) == expected, round_number
+    # Two partial writes on neighbouring pages, then a whole write over both: the whole write
+    # waits for each only while it is in flight, never for one that finished while it
+    # waited for the other (whichever finishes first).
+    for _ in range(20):
+        writes = [
+            backend.pwrite(page + 1000, memoryview(patch), False),
+            backend.pwrite(page + PAGE_SIZE + 1000, memoryview(patch), False),
+            backend.pwrite(page, memoryview(new + new), False),
+        ]
+        await asyncio.wait_for(asyncio.gather(*writes), timeout=30)
+        assert bytes(await backend.pread(page, 2 * PAGE_SIZE)) == new + new
     # A trim racing a partial write: zeros, then the patch on zeros (trim arrived first).
     await backend.pwrite(page, memoryview(old), False)
     await asyncio.gather(

@@ -808,6 +808,8 @@ class RemoteBackend:
                 for earlier, other in list(self._writes_in_flight.items()):
                     if earlier >= arrival:
                         break  # a dict keeps insertion order: the rest came later
+                    if earlier not in self._writes_in_flight:
+                        continue  # finished while this one waited for another
                     if edges:
                         hit = any(other[0] <= page <= other[1] for page in edges)
                     else:
