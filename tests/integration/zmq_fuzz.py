@@ -265,3 +265,21 @@ def check_and_report(
     assert tally.codes["internal"] == 0, tally
     assert set(tally.codes) >= MALFORMED_CODES, tally
     assert tally.malformed >= refused_at_least * tally.sent, tally
+
+
+def fuzz_service_router(
+    context: zmq.Context[zmq.Socket[bytes]],
+    service: str,
+    endpoint: str,
+    scrape: Callable[[], dict[str, float]],
+    samples: list[Sample],
+    examples: int,
+    *,
+    between: Callable[[], None],
+) -> None:
+    """Fuzz one service's ROUTER and check that every refusal was counted in
+    `<service>_malformed_messages_total`, while `between` checks its data stays intact."""
+    before = malformed_total(scrape(), service)
+    tally = fuzz_router(context, endpoint, messages(samples), examples, between=between)
+    counted = malformed_total(scrape(), service) - before
+    check_and_report(f"{service} ROUTER", tally, counted, examples=examples, refused_at_least=0.6)
