@@ -293,7 +293,8 @@ def test_a_re_replicated_page_still_decrypts(
 def test_a_restarted_client_still_decrypts(
     cluster: Cluster, sealed_client: ServiceProcess, tmp_path: Path
 ) -> None:
-    """The key and nonce state on the client host are all a restarted client needs."""
+    """The key and nonce state on the client host are all a restarted client needs, and
+    it starts past every nonce the killed one may have used."""
     uri = sealed_client.ready["nbd_uri"]
     first = 8192
     data = patterned(b"remem-restart-page-", first, 4)
@@ -301,5 +302,16 @@ def test_a_restarted_client_still_decrypts(
     sealed_client.kill(signal.SIGKILL)
     sealed_client.proc.wait(timeout=10)
     cluster.clients.remove(sealed_client)
-    cluster.start_client("sealed", "--page-key", str(cluster.state / "page.key"))
+    again = cluster.start_client("sealed", "--page-key", str(cluster.state / "page.key"))
     assert read_pages(cluster.socket("sealed"), first, 4) == data
+    later = patterned(b"remem-restart-page-", first + 4, 4)
+    write_pages(again.ready["nbd_uri"], tmp_path, first + 4, later)
+    assert read_pages(cluster.socket("sealed"), first, 8) == data + later
+    # Every page an arena holds, from before and after the kill, has its own nonce.
+    for index in range(3):
+        if cluster.pageservers[index].proc.poll() is not None:
+            continue  # the server the re-replication test killed
+        arena = Arena.open(cluster.arena(index))
+        nonces = arena.slots["seal"][arena.used("sealed"), :12]
+        assert nonces.shape[0] > 8
+        assert np.unique(nonces, axis=0).shape[0] == nonces.shape[0]
