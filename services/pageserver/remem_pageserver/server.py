@@ -111,6 +111,8 @@ MAX_BURST = 256
 PUSH_CHUNK_PAGES = 256
 PUSH_WINDOW = 4
 POLL_MS = 100
+# At shutdown, the data socket is unbound once it has had no request for this long.
+SHUTDOWN_QUIET = 0.25
 # Who may send what (with Curve): clients their own tenant's pages, placement its slab
 # orders, peers the pushed pages of any tenant. Without Curve everyone may do everything.
 ROLES_OF: dict[str, tuple[Role, ...]] = {
@@ -357,12 +359,23 @@ class PageServer:
                 )
 
     def _shutdown(self) -> None:
-        log.info("stopping: no new connections, finishing queued requests")
+        log.info("stopping: finishing queued requests, then no new connections")
+        # Unbinding also drops the connections accepted on the endpoint, with whatever their
+        # peers had sent that is still on its way: so first serve until the socket has been
+        # quiet for a moment (or the drain timeout), then unbind and serve what is left.
+        deadline = time.monotonic() + self.config.drain_timeout
+        quiet_since = time.monotonic()
+        while (now := time.monotonic()) < deadline and now - quiet_since < SHUTDOWN_QUIET:
+            if self._drain_router() or self._jobs:
+                quiet_since = now
+            if self._jobs:
+                self._serve_once(10)
+            else:
+                self.router.poll(10)
         for endpoint in (self.router.getsockopt(zmq.LAST_ENDPOINT),):
             assert isinstance(endpoint, bytes)
             with contextlib.suppress(zmq.ZMQError):
                 self.router.unbind(endpoint.decode())
-        deadline = time.monotonic() + self.config.drain_timeout
         while time.monotonic() < deadline:
             handled = self._drain_router()
             if not handled and not self._jobs:
