@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from remem_client.bench_nbd import start_nbdkit
 from remem_common.testing import start_service
 
 from .kernel_swap import SwapResult, available, run_hog
@@ -31,18 +30,12 @@ from .kernel_swap import SwapResult, available, run_hog
 
 @contextmanager
 def nbdkit_memory(directory: Path, size: str) -> Iterator[str]:
-    sock = directory / "nbdkit.sock"
-    server = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", size])
+    server = start_nbdkit(directory, size)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():  # nbdkit prints no ready line; its socket is one
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.05)
-        yield f"nbd+unix:///?socket={sock}"
+        yield server.uri
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
 
 
 @contextmanager

@@ -6,10 +6,10 @@ Compared in the same run against `nbdkit memory`, the reference NBD server.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from remem_client.bench_nbd import start_nbdkit
 from remem_common.testing import start_service
 
 from .kernel_swap import available, run_hog
@@ -24,18 +24,13 @@ if why_not:
 def test_kernel_swaps_to_nbdkit_reference(tmp_path: Path) -> None:
     if shutil.which("nbdkit") is None:
         pytest.skip("nbdkit not installed")
-    sock = tmp_path / "nbdkit.sock"
-    server = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "2G"])
+    server = start_nbdkit(tmp_path, "2G")
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            subprocess.run(["sleep", "0.05"])  # nbdkit has no ready line; its socket is one
         (tmp_path / "work").mkdir()
-        result = run_hog(f"nbd+unix:///?socket={sock}", tmp_path / "work")
+        result = run_hog(server.uri, tmp_path / "work")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.proc.terminate()
+        server.proc.wait(timeout=10)
     assert result.ok, result
     print(f"nbdkit memory: {result}")
 

@@ -20,12 +20,15 @@ class BlockingDealer:
     With `security` Curve on, `server_key` is the server's z85 public key (see
     `remem_common.security`); without, the socket is plaintext."""
 
+    # Seconds a call waits for its reply unless the caller says otherwise.
+    default_timeout: ClassVar[float] = 10.0
+
     def __init__(
         self,
         endpoint: str,
         *,
-        context: zmq.Context[zmq.Socket[bytes]] | None,
-        timeout: float,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        timeout: float | None = None,
         security: Security | None = None,
         server_key: str | None = None,
     ) -> None:
@@ -41,7 +44,7 @@ class BlockingDealer:
                 raise
         self.socket.connect(endpoint)
         self.endpoint = endpoint
-        self.timeout = timeout
+        self.timeout = self.default_timeout if timeout is None else timeout
         self._ids = itertools.count(1)
 
     def next_id(self) -> int:

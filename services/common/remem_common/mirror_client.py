@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import zmq
 
 from remem_common.dealer import RequestDealer
 from remem_common.protocol.client_mirror import (
@@ -30,7 +29,6 @@ from remem_common.protocol.client_mirror import (
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray, unpack_pages
-from remem_common.security import Security
 
 
 class MirrorError(Exception):
@@ -51,19 +49,6 @@ class MirrorClient(RequestDealer):
     """Blocking requests to one mirror over a DEALER socket."""
 
     reply_adapter = MIRROR_REPLY_ADAPTER
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        timeout: float = 10.0,
-        security: Security | None = None,
-        server_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
-        )
 
     def timeout_error(self, detail: str) -> Exception:
         return MirrorTimeout(detail)

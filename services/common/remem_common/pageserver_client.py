@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from typing import Annotated, Any
 
 import numpy as np
-import zmq
 from pydantic import BaseModel, Field, TypeAdapter
 
 from remem_common.dealer import RequestDealer
@@ -41,7 +40,6 @@ from remem_common.protocol.pageserver_placement import (
     PushSlabReply,
     PushSlabRequest,
 )
-from remem_common.security import Security
 
 AnyReply = Annotated[
     PutPagesReply
@@ -73,19 +71,6 @@ class PageServerClient(RequestDealer):
     """Blocking requests to one page server over a DEALER socket."""
 
     reply_adapter = REPLY_ADAPTER
-
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        timeout: float = 10.0,
-        security: Security | None = None,
-        server_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
-        )
 
     def timeout_error(self, detail: str) -> Exception:
         return PageServerTimeout(detail)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-import zmq
 from pydantic import BaseModel, Field, TypeAdapter
 
 from remem_common.dealer import BlockingDealer
@@ -29,7 +28,6 @@ from remem_common.protocol.client_placement import (
     ReportFailureRequest,
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
-from remem_common.security import Security
 
 PlacementReply = Annotated[
     AllocateSlabReply
@@ -60,18 +58,7 @@ class PlacementTimeout(Exception):
 class PlacementClient(BlockingDealer):
     """Blocking requests to placement over one DEALER socket."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        *,
-        context: zmq.Context[zmq.Socket[bytes]] | None = None,
-        timeout: float = 5.0,
-        security: Security | None = None,
-        server_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            endpoint, context=context, timeout=timeout, security=security, server_key=server_key
-        )
+    default_timeout = 5.0
 
     def call(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
         """Send `msg`, return its reply of type `expect` (stale replies are skipped)."""

@@ -289,18 +289,16 @@ class PageStore:
         ]
 
     def _lookup(self, tenant_id: int, volume: int, keys: KeyArray) -> Int32Array:
-        slabs = keys["slab"]
-        first_slab = int(slabs[0]) if slabs.size else 0
-        if slabs.size and slabs.size == int(np.count_nonzero(slabs == first_slab)):
-            # One slab (nearly every data-plane batch): one gather, no grouping.
-            slab_slots = self._slabs.get((tenant_id, volume, first_slab))
-            if slab_slots is None:
-                return np.full(keys.shape[0], -1, dtype=np.int32)
-            found: Int32Array = slab_slots[keys["page"]]
-            return found
+        groups = self._slab_groups(keys["slab"])
+        if len(groups) == 1:
+            # One slab (nearly every data-plane batch): one gather, no scatter.
+            slab_slots = self._slabs.get((tenant_id, volume, groups[0][0]))
+            if slab_slots is not None:
+                found: Int32Array = slab_slots[keys["page"]]
+                return found
         slots = np.full(keys.shape[0], -1, dtype=np.int32)
         pages = keys["page"]
-        for slab, positions in self._slab_groups(keys["slab"]):
+        for slab, positions in groups:
             slab_slots = self._slabs.get((tenant_id, volume, slab))
             if slab_slots is not None:
                 slots[positions] = slab_slots[pages[positions]]
