@@ -53,7 +53,9 @@ from remem_common.protocol.client_mirror import (
     MarkReplicatedRequest,
     ReadPagesRequest,
     TrimPagesRequest,
+    WriteExtentsRequest,
     WritePagesRequest,
+    pack_extents,
 )
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
@@ -670,6 +672,18 @@ MIRROR_SAMPLES: list[Sample] = [
     sample(WritePagesRequest(msg_id=7, first_page=0, count=256), pages_of(257, 32)),
     # past the end of the mirror
     sample(WritePagesRequest(msg_id=8, first_page=MIRROR_PAGES - 1, count=1), pages_of(1, 33)),
+    # a write-behind batch of three runs, the last overwriting the first's first page
+    sample(
+        WriteExtentsRequest(msg_id=9, extents=3, count=5),
+        pack_extents([(10, 2), (40, 2), (10, 1)]),
+        pages_of(5, 34),
+    ),
+    # a batch whose second run ends past the mirror
+    sample(
+        WriteExtentsRequest(msg_id=10, extents=2, count=3),
+        pack_extents([(0, 1), (MIRROR_PAGES - 1, 2)]),
+        pages_of(3, 35),
+    ),
 ]
 _WRITE = MIRROR_SAMPLES[0]
 MIRROR_SAMPLES += [
@@ -679,6 +693,8 @@ MIRROR_SAMPLES += [
     *with_field(MIRROR_SAMPLES[1], "first_page", [MIRROR_PAGES - 1]),
     *with_field(MIRROR_SAMPLES[2], "count", [MIRROR_PAGES + 1]),
     *with_field(MIRROR_SAMPLES[3], "first_page", [MIRROR_PAGES]),
+    *with_field(MIRROR_SAMPLES[8], "extents", [0, 2, 4, 1025]),
+    *with_field(MIRROR_SAMPLES[8], "count", [0, 4, 6, 1025]),
 ]
 for _header, _ in MIRROR_SAMPLES:
     if _header.get("count") == 256:

@@ -25,8 +25,10 @@ from remem_common.protocol.client_mirror import (
     ReadPagesRequest,
     TrimPagesReply,
     TrimPagesRequest,
+    WriteExtentsRequest,
     WritePagesReply,
     WritePagesRequest,
+    pack_extents,
 )
 from remem_common.protocol.envelope import PROTOCOL_VERSION, ErrorCode, ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE
@@ -40,6 +42,7 @@ ROUTING = [b"peer"]
 REQUESTS = [
     DescribeMirrorRequest(msg_id=1),
     WritePagesRequest(msg_id=2, first_page=3, count=256, replicated=False, sync=True),
+    WriteExtentsRequest(msg_id=8, extents=3, count=1024),
     ReadPagesRequest(msg_id=3, first_page=0, count=1),
     TrimPagesRequest(msg_id=4, first_page=5, count=1 << 30),
     MarkReplicatedRequest(msg_id=5, first_page=5, count=7),
@@ -77,7 +80,15 @@ def writer(tmp_path: Path, registry: CollectorRegistry) -> Iterator[MirrorWriter
 def write_op(first: int, data: np.ndarray, **flags: bool) -> Op:
     count = data.shape[0]
     msg = WritePagesRequest(msg_id=first + 1, first_page=first, count=count, **flags)
-    return Op(routing=ROUTING, request=msg, data=data, pages=count)
+    return Op(routing=ROUTING, request=msg, data=data, pages=count, runs=[(first, count)])
+
+
+def extents_op(msg_id: int, runs: list[tuple[int, int]], data: np.ndarray) -> Op:
+    """A write_extents op as the server queues it, validated like the server does."""
+    msg = WriteExtentsRequest(msg_id=msg_id, extents=len(runs), count=data.shape[0])
+    frame, checked = validate(msg, [pack_extents(runs), data.tobytes()], PAGES)
+    assert checked == runs
+    return Op(routing=ROUTING, request=msg, data=frame, pages=data.shape[0], runs=runs)
 
 
 def op(msg: BaseModel) -> Op:
@@ -229,6 +240,9 @@ def test_queue_groups_writes_up_to_the_run_limit_and_bounds_pages() -> None:
     assert queue.full()
 
 
+EXTENTS_2 = WriteExtentsRequest(msg_id=1, extents=2, count=2)
+
+
 @pytest.mark.parametrize(
     ("msg", "payload", "reason"),
     [
@@ -240,6 +254,14 @@ def test_queue_groups_writes_up_to_the_run_limit_and_bounds_pages() -> None:
         (TrimPagesRequest(msg_id=1, first_page=0, count=PAGES + 1), [], "bad_fields"),
         (MarkReplicatedRequest(msg_id=1, first_page=5, count=PAGES), [], "bad_fields"),
         (ListUnreplicatedRequest(msg_id=1), [b""], "bad_frames"),
+        (EXTENTS_2, [pack_extents([(0, 1), (5, 1)])], "bad_frames"),
+        (EXTENTS_2, [pack_extents([(0, 1)]), b"x" * 8192], "bad_payload"),  # one run of two
+        (EXTENTS_2, [pack_extents([(0, 1), (5, 1)]) + b"x", b"x" * 8192], "bad_payload"),
+        (EXTENTS_2, [pack_extents([(0, 2), (5, 0)]), b"x" * 8192], "bad_payload"),  # empty run
+        (EXTENTS_2, [pack_extents([(0, 1), (5, 2)]), b"x" * 8192], "bad_payload"),  # sum 3
+        (EXTENTS_2, [pack_extents([(0, 1), (PAGES - 1, 1)]), b"x" * 8191], "bad_payload"),
+        (EXTENTS_2, [pack_extents([(0, 1), (PAGES, 1)]), b"x" * 8192], "bad_fields"),
+        (EXTENTS_2, [pack_extents([(0, 1), (2**64 - 1, 1)]), b"x" * 8192], "bad_fields"),
     ],
 )
 def test_validation_refuses_what_pydantic_cannot_see(
@@ -255,5 +277,25 @@ def test_validation_refuses_what_pydantic_cannot_see(
 def test_validation_passes_the_data_frame() -> None:
     frame = b"\0" * (2 * PAGE_SIZE)
     msg = WritePagesRequest(msg_id=1, first_page=PAGES - 2, count=2)
-    assert validate(msg, [frame], PAGES) is frame
-    assert validate(TrimPagesRequest(msg_id=1, first_page=0, count=PAGES), [], PAGES) is None
+    assert validate(msg, [frame], PAGES) == (frame, [(PAGES - 2, 2)])
+    assert validate(TrimPagesRequest(msg_id=1, first_page=0, count=PAGES), [], PAGES) == (None, [])
+
+
+def test_extents_of_one_request_and_writes_around_it_apply_in_order(
+    writer: MirrorWriter, registry: CollectorRegistry
+) -> None:
+    """A batch's runs land like separate writes would: adjacent ones share a syscall with
+    the writes around them, and a later run of a page wins over an earlier one."""
+    data = pages_of(8, 2)
+    ops = [
+        write_op(100, data[0:1]),
+        # 101 joins the run before it; 400 starts a new one; 100 again overwrites page 100.
+        extents_op(50, [(101, 2), (400, 1), (100, 1)], data[1:5]),
+        write_op(401, data[5:8]),
+    ]
+    replies = replies_of(writer.execute(ops))
+    assert [(r.parent_id, r.written) for r, _ in replies] == [(101, 1), (50, 4), (402, 3)]  # type: ignore[attr-defined]
+    assert writer.store.read(100, 3) == data[4:5].tobytes() + data[1:3].tobytes()
+    assert writer.store.read(400, 4) == data[3:4].tobytes() + data[5:8].tobytes()
+    assert value(registry, "mirror_written_bytes_total") == 8 * PAGE_SIZE
+    assert value(registry, "mirror_write_requests_total") == 3

@@ -1,12 +1,14 @@
 """The client's asyncio link to the local mirror, and the write cache in front of it.
 
 Every page-out that goes to the replicas is also handed to `write_behind`: it copies the
-pages into the bounded write cache (one bytes object per request, not per page), sends them
-to the mirror and returns without waiting for the disk (Anemone's asynchronous local
-write). An entry leaves the cache when the mirror confirms the pages are on disk; until
-then a page-in that has to be served locally (network down) reads it from the cache. When
-the cache is full, `write_behind` waits for room: back-pressure on the NBD writer, never a
-dropped page.
+pages into the bounded write cache (one bytes object per request, not per page) and returns
+without waiting for the disk (Anemone's asynchronous local write). The page-outs of one
+event-loop turn, and those made while WRITE_WINDOW batches are already in flight, go to the
+mirror together in one write_extents_request: at queue depth 32 a message per page-out cost
+the client and the mirror more than everything else on the write path. An entry leaves the
+cache when the mirror confirms the pages are on disk; until then a page-in that has to be
+served locally (network down) reads it from the cache. When the cache is full,
+`write_behind` waits for room: back-pressure on the NBD writer, never a dropped page.
 
 `write_durable` is the network-down write: it returns only once the mirror has the pages on
 disk (fdatasync'd) and has recorded them as unreplicated.
@@ -33,6 +35,7 @@ import numpy as np
 import zmq
 from remem_common.framing import decode, encode
 from remem_common.protocol.client_mirror import (
+    MAX_MIRROR_BATCH_PAGES,
     MAX_MIRROR_PAGES,
     MIRROR_REPLY_ADAPTER,
     DescribeMirrorReply,
@@ -43,7 +46,9 @@ from remem_common.protocol.client_mirror import (
     ReadPagesReply,
     ReadPagesRequest,
     TrimPagesRequest,
+    WriteExtentsRequest,
     WritePagesRequest,
+    pack_extents,
 )
 from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
@@ -61,6 +66,9 @@ RETRY_AFTER = 2.0
 # DEALER's queue and the mirror's reply queue (ZeroMQ high-water marks, 1000 by default)
 # from ever filling, where a send would fail or a reply be dropped.
 MAX_IN_FLIGHT = 512
+# Write-behind batches in flight at most; page-outs gather meanwhile. Two keep the mirror's
+# disk busy with one batch while the next travels.
+WRITE_WINDOW = 2
 
 
 class MirrorFailure(Exception):
@@ -91,10 +99,18 @@ class MirrorLink:
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
-        # msg_id -> (first page, count, data) of writes the mirror has not confirmed; dict
-        # order is send order, which is the order the mirror applies them.
+        # entry id -> (first page, count, data) of writes the mirror has not confirmed; dict
+        # order is the order the mirror applies them (gathered entries are sent first).
         self._cache: dict[int, tuple[int, int, bytes]] = {}
+        self._entry_ids = itertools.count(1)
         self.cache_bytes = 0
+        # Entries written behind but not sent yet, their pages, and whether a send is due.
+        self._gathered: list[int] = []
+        self._gathered_pages = 0
+        self._flush_due = False
+        # msg_id -> the cache entries a write request in flight carries.
+        self._carried: dict[int, list[int]] = {}
+        self._behind_in_flight: set[int] = set()  # msg_ids of write-behind batches
         self._room = asyncio.Event()
         self._room.set()
         # False after a timeout, until the mirror answers again.
@@ -162,6 +178,12 @@ class MirrorLink:
     # -- requests --------------------------------------------------------------------------
 
     def _send(self, msg: Any, *payload: Any) -> asyncio.Future[Any]:
+        """Send a request after every page-out gathered before it (the mirror keeps order)."""
+        if self._gathered:
+            self._send_gathered()
+        return self._transmit(msg, *payload)
+
+    def _transmit(self, msg: Any, *payload: Any) -> asyncio.Future[Any]:
         if self.closed or self._socket is None:
             raise MirrorFailure("mirror link closed")
         future: asyncio.Future[Any] = self._loop.create_future()
@@ -208,15 +230,44 @@ class MirrorLink:
             if not self.up:
                 return
             data = pages[start : start + n].tobytes()
-            msg = WritePagesRequest(msg_id=next(self._ids), first_page=first + start, count=n)
-            try:
-                future = self._send(msg, data)
-            except MirrorFailure as exc:
-                self._lost(str(exc))
-                return
-            self._cache[msg.msg_id] = (first + start, n, data)
+            entry = next(self._entry_ids)
+            self._cache[entry] = (first + start, n, data)
             self.cache_bytes += len(data)
-            future.add_done_callback(consume_outcome)
+            self._gathered.append(entry)
+            self._gathered_pages += n
+            if self._gathered_pages + MAX_MIRROR_PAGES > MAX_MIRROR_BATCH_PAGES:
+                self._send_gathered()  # the next page-out might not fit
+            elif not self._flush_due and len(self._behind_in_flight) < WRITE_WINDOW:
+                # Send at the end of this loop turn, with the page-outs made in it.
+                self._flush_due = True
+                self._loop.call_soon(self._flush_gathered)
+
+    def _flush_gathered(self) -> None:
+        self._flush_due = False
+        if self._gathered and len(self._behind_in_flight) < WRITE_WINDOW:
+            self._send_gathered()
+
+    def _send_gathered(self) -> None:
+        """Send the gathered page-outs as one request (a write_pages if only one)."""
+        entries, self._gathered = self._gathered, []
+        count, self._gathered_pages = self._gathered_pages, 0
+        runs = [self._cache[entry][:2] for entry in entries]
+        msg: WritePagesRequest | WriteExtentsRequest
+        if len(entries) == 1:
+            msg = WritePagesRequest(msg_id=next(self._ids), first_page=runs[0][0], count=count)
+            payload: tuple[Any, ...] = (self._cache[entries[0]][2],)
+        else:
+            msg = WriteExtentsRequest(msg_id=next(self._ids), extents=len(entries), count=count)
+            data = b"".join(self._cache[entry][2] for entry in entries)
+            payload = (pack_extents(runs), data)
+        try:
+            future = self._transmit(msg, *payload)
+        except MirrorFailure as exc:
+            self._lost(str(exc))
+            return
+        self._carried[msg.msg_id] = entries
+        self._behind_in_flight.add(msg.msg_id)
+        future.add_done_callback(consume_outcome)
 
     async def write_durable(self, first: int, pages: PageArray) -> None:
         """Write pages as mirror-only (unreplicated), returning once they are on disk."""
@@ -235,7 +286,9 @@ class MirrorLink:
                 sync=True,
             )
             futures.append(self._send(msg, data))
-            self._cache[msg.msg_id] = (first + start, n, data)
+            entry = next(self._entry_ids)
+            self._cache[entry] = (first + start, n, data)
+            self._carried[msg.msg_id] = [entry]
             self.cache_bytes += len(data)
         for future in futures:
             await future
@@ -282,14 +335,14 @@ class MirrorLink:
         await self._call(msg)
 
     def _forget_cached(self, first: int, count: int) -> None:
-        for msg_id, (cached_first, cached_count, data) in list(self._cache.items()):
+        for entry, (cached_first, cached_count, data) in list(self._cache.items()):
             if cached_first < first + count and first < cached_first + cached_count:
                 # Keep the bytes accounted (they are still in flight) but overlay zeros.
                 zero = bytearray(data)
                 lo = max(first, cached_first) - cached_first
                 hi = min(first + count, cached_first + cached_count) - cached_first
                 zero[lo * PAGE_SIZE : hi * PAGE_SIZE] = bytes((hi - lo) * PAGE_SIZE)
-                self._cache[msg_id] = (cached_first, cached_count, bytes(zero))
+                self._cache[entry] = (cached_first, cached_count, bytes(zero))
 
     # -- replies ---------------------------------------------------------------------------
 
@@ -313,11 +366,17 @@ class MirrorLink:
                 self._malformed.count("mirror", exc)
             return
         entry = self._waiting.pop(reply.parent_id, None)
-        cached = self._cache.pop(reply.parent_id, None)
-        if cached is not None:
-            self.cache_bytes -= len(cached[2])
-            if not isinstance(reply, ErrorReply):
-                self.written_bytes += len(cached[2])
+        carried = self._carried.pop(reply.parent_id, None)
+        for cache_entry in carried or ():
+            cached = self._cache.pop(cache_entry, None)
+            if cached is not None:
+                self.cache_bytes -= len(cached[2])
+                if not isinstance(reply, ErrorReply):
+                    self.written_bytes += len(cached[2])
+        if reply.parent_id in self._behind_in_flight:
+            self._behind_in_flight.discard(reply.parent_id)
+            if self._gathered and not self._flush_due:
+                self._send_gathered()  # what gathered while the window was full
         self._room.set()
         if entry is None:
             return
@@ -328,7 +387,7 @@ class MirrorLink:
         if isinstance(reply, ErrorReply):
             self.failures += 1
             log.warning("mirror refused a request: %s %s", reply.error_code, reply.detail)
-            if cached is not None:
+            if carried is not None:
                 # A write the mirror could not store: its copy is no longer complete.
                 self.incomplete = True
             future.set_exception(MirrorFailure(f"{reply.error_code}: {reply.detail}"))
@@ -368,6 +427,9 @@ class MirrorLink:
             if not future.done():
                 future.set_exception(MirrorFailure(why))
         self._cache.clear()
+        self._carried.clear()
+        self._behind_in_flight.clear()
+        self._gathered, self._gathered_pages = [], 0
         self.cache_bytes = 0
         self._room.set()
 

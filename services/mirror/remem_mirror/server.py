@@ -48,8 +48,10 @@ from remem_common.protocol.client_mirror import (
     ReadPagesRequest,
     TrimPagesReply,
     TrimPagesRequest,
+    WriteExtentsRequest,
     WritePagesReply,
     WritePagesRequest,
+    unpack_extents,
 )
 from remem_common.protocol.envelope import (
     MALFORMED_REASONS,
@@ -73,6 +75,7 @@ Frames = list[Any]
 OP_OF = {
     "describe_mirror_request": "describe",
     "write_pages_request": "write",
+    "write_extents_request": "write",
     "read_pages_request": "read",
     "trim_pages_request": "trim",
     "mark_replicated_request": "mark_replicated",
@@ -94,6 +97,9 @@ class Op:
     data: Any = None
     reply: Frames | None = None
     pages: int = 0  # written pages this op holds in the queue (0 unless a write)
+    # (first page, count) of each run `data` holds, back to back: one for write_pages, the
+    # request's runs for write_extents.
+    runs: list[tuple[int, int]] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -271,60 +277,74 @@ class MirrorWriter:
 
     def _writes(self, ops: list[Op]) -> list[Frames]:
         """Write a group of write ops: bitmap first, then one syscall per adjacent run."""
-        requests: list[WritePagesRequest] = []
-        for op in ops:
-            assert isinstance(op.request, WritePagesRequest)
-            requests.append(op.request)
         failures: list[OSError | None] = [None] * len(ops)
+        syncing = False
         try:
             # The unreplicated bits go to disk before the data they describe: a crash in
             # between leaves a bit set over older data (a harmless extra resync), never
             # mirror-only data without its bit.
             changed = 0
-            for req in requests:
-                if not req.replicated:
-                    changed += self.store.set_unreplicated(req.first_page, req.count)
+            for op in ops:
+                req = op.request
+                if isinstance(req, WritePagesRequest):
+                    syncing |= req.sync
+                    if not req.replicated:
+                        changed += self.store.set_unreplicated(req.first_page, req.count)
             if changed:
                 self.store.sync_bitmap()
         except OSError as exc:
             log.error("bitmap update failed: %s", exc)
             failures = [exc] * len(ops)
         else:
-            self._write_runs(ops, requests, failures)
-            if any(req.sync for req in requests):
+            self._write_runs(ops, failures)
+            if syncing:
                 try:
                     self.metrics.fsync_duration.observe(self.store.fdatasync())
                 except OSError as exc:
                     log.error("fdatasync failed: %s", exc)
-                    for index, req in enumerate(requests):
-                        if req.sync and failures[index] is None:
-                            failures[index] = exc
+                    for index, op in enumerate(ops):
+                        req = op.request
+                        if isinstance(req, WritePagesRequest) and req.sync:
+                            failures[index] = failures[index] or exc
         self.metrics.write_requests.inc(len(ops))
         replies: list[Frames] = []
-        for op, req, failure in zip(ops, requests, failures, strict=True):
+        for op, failure in zip(ops, failures, strict=True):
+            assert op.request is not None
             if failure is None:
                 self.metrics.ok["write"].inc()
-                frames = encode(WritePagesReply(msg_id=0, parent_id=req.msg_id, written=req.count))
+                reply = WritePagesReply(msg_id=0, parent_id=op.request.msg_id, written=op.pages)
+                frames = encode(reply)
             else:
                 self.metrics.error["write"].inc()
-                frames = io_error_frames(failure, req.msg_id)
+                frames = io_error_frames(failure, op.request.msg_id)
             replies.append([*op.routing, *frames])
         return replies
 
-    def _write_runs(
-        self, ops: list[Op], requests: list[WritePagesRequest], failures: list[OSError | None]
-    ) -> None:
-        firsts = [req.first_page for req in requests]
-        counts = [req.count for req in requests]
+    def _write_runs(self, ops: list[Op], failures: list[OSError | None]) -> None:
+        # Every op's runs in queue order, each with its op and its bytes.
+        firsts: list[int] = []
+        counts: list[int] = []
+        chunks: list[memoryview] = []
+        owners: list[int] = []
+        for index, op in enumerate(ops):
+            data = memoryview(op.data).cast("B")
+            offset = 0
+            for first, count in op.runs:
+                firsts.append(first)
+                counts.append(count)
+                chunks.append(data[offset : offset + count * PAGE_SIZE])
+                owners.append(index)
+                offset += count * PAGE_SIZE
         starts = plan_runs(firsts, counts, MAX_RUN_PAGES)
         for k, start in enumerate(starts):
-            stop = starts[k + 1] if k + 1 < len(starts) else len(ops)
+            stop = starts[k + 1] if k + 1 < len(starts) else len(firsts)
             started = time.perf_counter()
             try:
-                written = self.store.write_run(firsts[start], [op.data for op in ops[start:stop]])
+                written = self.store.write_run(firsts[start], chunks[start:stop])
             except OSError as exc:
                 log.error("write of pages %d.. failed: %s", firsts[start], exc)
-                failures[start:stop] = [exc] * (stop - start)
+                for owner in owners[start:stop]:
+                    failures[owner] = failures[owner] or exc
                 continue
             self.metrics.write_duration.observe(time.perf_counter() - started)
             self.metrics.coalesced_writes.inc()
@@ -373,11 +393,14 @@ class MirrorWriter:
         )
 
 
-def validate(msg: MirrorRequest, payload: list[Any], page_count: int) -> Any:
-    """Check what pydantic cannot: payload frames, the page range, the data length.
+def validate(
+    msg: MirrorRequest, payload: list[Any], page_count: int
+) -> tuple[Any, list[tuple[int, int]]]:
+    """Check what pydantic cannot: payload frames, the page ranges, the data length.
 
     Returns:
-        The data frame of a write, else None.
+        For a write (write_pages or write_extents): its data frame and the runs of pages
+        the frame holds back to back, `(first_page, count)` each; else (None, []).
 
     Raises:
         ProtocolError: malformed, with the metric reason.
@@ -390,6 +413,9 @@ def validate(msg: MirrorRequest, payload: list[Any], page_count: int) -> Any:
             reason="bad_frames",
             msg_id=msg.msg_id,
         )
+    if isinstance(msg, WriteExtentsRequest):
+        runs = unpack_extents(payload[0], msg, page_count)
+        return _check_data(msg, payload[1]), runs
     if isinstance(
         msg, WritePagesRequest | ReadPagesRequest | TrimPagesRequest | MarkReplicatedRequest
     ):
@@ -402,16 +428,20 @@ def validate(msg: MirrorRequest, payload: list[Any], page_count: int) -> Any:
                 msg_id=msg.msg_id,
             )
         if isinstance(msg, WritePagesRequest):
-            nbytes = memoryview(payload[0]).nbytes
-            if nbytes != msg.count * PAGE_SIZE:
-                raise ProtocolError(
-                    ErrorCode.MALFORMED,
-                    f"data frame of {nbytes} bytes; {msg.count} pages take {msg.count * PAGE_SIZE}",
-                    reason="bad_payload",
-                    msg_id=msg.msg_id,
-                )
-            return payload[0]
-    return None
+            return _check_data(msg, payload[0]), [(msg.first_page, msg.count)]
+    return None, []
+
+
+def _check_data(msg: WritePagesRequest | WriteExtentsRequest, frame: Any) -> Any:
+    nbytes = memoryview(frame).nbytes
+    if nbytes != msg.count * PAGE_SIZE:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"data frame of {nbytes} bytes; {msg.count} pages take {msg.count * PAGE_SIZE}",
+            reason="bad_payload",
+            msg_id=msg.msg_id,
+        )
+    return frame
 
 
 class MirrorServer:
@@ -548,7 +578,7 @@ class MirrorServer:
                     error_frames(ErrorCode.SHUTTING_DOWN, "mirror stopping", msg.msg_id),
                 )
                 return
-            data = validate(msg, payload, self.store.page_count)
+            data, runs = validate(msg, payload, self.store.page_count)
         except ProtocolError as exc:
             if exc.reason in MALFORMED_REASONS:
                 self.metrics.malformed_by[exc.reason].inc()
@@ -556,8 +586,8 @@ class MirrorServer:
                 self.metrics.error[op_name].inc()
             self._answer(routing, encode(exc.reply()))
             return
-        pages = msg.count if isinstance(msg, WritePagesRequest) else 0
-        self.queue.put(Op(routing=routing, request=msg, data=data, pages=pages))
+        pages = sum(count for _, count in runs)
+        self.queue.put(Op(routing=routing, request=msg, data=data, pages=pages, runs=runs))
         self._outstanding += 1
 
     def _answer(self, routing: Frames, reply: Frames) -> None:

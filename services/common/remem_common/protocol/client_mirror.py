@@ -23,6 +23,7 @@ Messages and their payload frames
 |-----------------------------|-------------------------|------------------------------------|
 | describe_mirror_request     | -                       | describe_mirror_reply              |
 | write_pages_request         | data (count x 4096)     | write_pages_reply                  |
+| write_extents_request       | extents, data           | write_pages_reply                  |
 | read_pages_request          | -                       | read_pages_reply + data            |
 | trim_pages_request          | -                       | trim_pages_reply                   |
 | mark_replicated_request     | -                       | mark_replicated_reply              |
@@ -35,6 +36,16 @@ starting at `first_page` (1..MAX_MIRROR_PAGES pages, inside the mirror's `page_c
   (O_DIRECT, no page cache); with `sync` also after an fdatasync. `replicated=false` marks
   the pages as held by the mirror only (written while no replica could be reached): they
   are remembered, durably, until a `mark_replicated_request` covers them.
+- `write_extents_request`: many write-behind writes in one message (the client gathers the
+  page-outs of one event-loop turn, or those made while its earlier batches are in flight):
+  `extents` runs of pages, `count` pages in all (at most MAX_MIRROR_BATCH_PAGES). The
+  `extents` frame is `extents x 16` bytes, one little-endian `(u64 first_page, u64 count)` per run,
+  each run 1..MAX_MIRROR_PAGES pages inside the mirror; the data frame is the runs' pages
+  back to back (`count x 4096` bytes, and `count` is the sum of the runs' counts). The
+  runs apply in order (a later run of a page wins) and are always replicated writes
+  without `sync`: the network-down write is `write_pages_request`. One `write_pages_reply`
+  (`written` = `count`) once every run is on disk; if the device fails any run, the whole
+  request is answered `unavailable`.
 - `read_pages_request`: the reply's one payload frame is `count x 4096` bytes (zeros where
   nothing was ever written).
 - `trim_pages_request`: the pages read back as zeros afterwards and are no longer
@@ -57,15 +68,19 @@ it never stops the mirror or disturbs other requests.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import struct
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-from remem_common.protocol.envelope import ErrorReply, Reply, Request
+from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError, Reply, Request
 
 # Pages one request may carry: 1 MiB, the largest NBD request the client accepts in one piece
 # (larger requests are split by the client).
 MAX_MIRROR_PAGES = 256
+# Pages one write_extents_request may carry (4 MiB), and runs (each of at least one page).
+MAX_MIRROR_BATCH_PAGES = 1024
+EXTENT = struct.Struct("<QQ")  # first_page, count
 
 PageNumber = Annotated[int, Field(ge=0, lt=2**40)]
 MirrorPageCount = Annotated[int, Field(ge=1, le=MAX_MIRROR_PAGES)]
@@ -91,6 +106,14 @@ class WritePagesRequest(Request):
     count: MirrorPageCount
     replicated: bool = True
     sync: bool = False
+
+
+class WriteExtentsRequest(Request):
+    """Write `extents` runs of `count` pages in all. Payload: extents table, data."""
+
+    type: Literal["write_extents_request"] = "write_extents_request"
+    extents: Annotated[int, Field(ge=1, le=MAX_MIRROR_BATCH_PAGES)]
+    count: Annotated[int, Field(ge=1, le=MAX_MIRROR_BATCH_PAGES)]
 
 
 class WritePagesReply(Reply):
@@ -147,6 +170,7 @@ class ListUnreplicatedReply(Reply):
 MirrorRequest = Annotated[
     DescribeMirrorRequest
     | WritePagesRequest
+    | WriteExtentsRequest
     | ReadPagesRequest
     | TrimPagesRequest
     | MarkReplicatedRequest
@@ -171,8 +195,59 @@ MIRROR_REPLY_ADAPTER: TypeAdapter[MirrorReply] = TypeAdapter(MirrorReply)
 PAYLOAD_FRAMES: dict[str, int] = {
     "describe_mirror_request": 0,
     "write_pages_request": 1,
+    "write_extents_request": 2,
     "read_pages_request": 0,
     "trim_pages_request": 0,
     "mark_replicated_request": 0,
     "list_unreplicated_request": 0,
 }
+
+
+def pack_extents(runs: list[tuple[int, int]]) -> bytes:
+    """The extents frame of a write_extents_request: `(first_page, count)` per run."""
+    return b"".join(EXTENT.pack(first, count) for first, count in runs)
+
+
+def unpack_extents(frame: Any, msg: WriteExtentsRequest, page_count: int) -> list[tuple[int, int]]:
+    """The runs of a write_extents_request, each checked against the mirror's size.
+
+    Raises:
+        ProtocolError: the frame's length, a run's count or range, or the runs' total is
+            wrong (`bad_payload`, or `bad_fields` for a run past the end).
+    """
+    view = memoryview(frame).cast("B")
+    if view.nbytes != msg.extents * EXTENT.size:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"extents frame of {view.nbytes} bytes; {msg.extents} runs take "
+            f"{msg.extents * EXTENT.size}",
+            reason="bad_payload",
+            msg_id=msg.msg_id,
+        )
+    runs = list(EXTENT.iter_unpack(view))
+    total = 0
+    for first, count in runs:
+        if not 1 <= count <= MAX_MIRROR_PAGES:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"a run of {count} pages; runs are 1..{MAX_MIRROR_PAGES} pages",
+                reason="bad_payload",
+                msg_id=msg.msg_id,
+            )
+        if first + count > page_count:
+            raise ProtocolError(
+                ErrorCode.MALFORMED,
+                f"pages {first}..{first + count - 1} are past the end of the mirror "
+                f"({page_count} pages)",
+                reason="bad_fields",
+                msg_id=msg.msg_id,
+            )
+        total += count
+    if total != msg.count:
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"runs of {total} pages in all; the request says {msg.count}",
+            reason="bad_payload",
+            msg_id=msg.msg_id,
+        )
+    return runs
