@@ -916,7 +916,11 @@ class RemoteBackend:
             self._slab_writing[slab] += 1
             writing.append(slab)
             offset = seg_first - first
-            keys = page_keys(seg_first, seg_count, SLAB_PAGES)
+            if seg_count <= FAST_PAGES:  # packed in plain Python: numpy costs more here
+                page = seg_first - slab * SLAB_PAGES
+                keys: Any = _PAIRS[seg_count].pack(*_interleave(slab, page, seg_count))
+            else:
+                keys = page_keys(seg_first, seg_count, SLAB_PAGES)
             rows = pages[offset : offset + seg_count]
             seg_crcs = crcs[offset : offset + seg_count]
             seg_seals = seals[offset : offset + seg_count]
@@ -1151,6 +1155,15 @@ class RemoteBackend:
 def _set_bits(bitmap: np.ndarray[Any, Any], first: int, count: int, value: bool) -> int:
     """Set or clear bits [first, first + count); returns how many were set before."""
     byte0, byte1 = first // 8, (first + count - 1) // 8 + 1
+    if byte1 - byte0 <= 16:
+        # A few bytes (every swap-sized write) as a Python int: no numpy call, each of
+        # which costs microseconds.
+        raw = int.from_bytes(bitmap[byte0:byte1], "little")
+        mask = ((1 << count) - 1) << (first & 7)
+        before = (raw & mask).bit_count()
+        raw = raw | mask if value else raw & ~mask
+        bitmap.data[byte0:byte1] = raw.to_bytes(byte1 - byte0, "little")
+        return before
     bits = np.unpackbits(bitmap[byte0:byte1], bitorder="little")
     start = first - byte0 * 8
     before = int(bits[start : start + count].sum())
