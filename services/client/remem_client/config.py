@@ -90,6 +90,11 @@ class ClientConfig(CurveSettings):
         description="bound on pages written but not yet confirmed on the mirror's disk; "
         "past it, writes wait (back-pressure)",
     )
+    read_ahead: ByteSize = Field(
+        ByteSize(8 << 20),
+        description="memory for pages fetched ahead of sequential page-ins (0: off); "
+        "allocated once at start",
+    )
     mirror_timeout: float = Field(
         10.0, gt=0, description="seconds before a silent mirror is considered lost"
     )

@@ -18,6 +18,7 @@ from remem_common.security import KeyFileError, Security, load_public_key
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
+from remem_client.readahead import read_ahead_of
 from remem_client.remote_backend import RemoteBackend
 from remem_client.sealing import PageSealer, SealingError, open_page_sealer
 from remem_client.server import StartupError
@@ -71,6 +72,10 @@ class _RemoteCollector(Collector):
         pages.add_metric(["read_remote"], stats.pages_read_remote)
         pages.add_metric(["read_zero"], stats.pages_read_zero)
         pages.add_metric(["written"], stats.pages_written)
+        ahead = self._backend.read_ahead
+        if ahead is not None:  # fetched ahead of sequential reads, and read from there
+            pages.add_metric(["read_ahead_fetched"], ahead.fetched)
+            pages.add_metric(["read_ahead_hit"], ahead.hits)
         yield pages
         if self._backend.malformed is not None:
             malformed = CounterMetricFamily(
@@ -213,6 +218,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         resync_interval=config.resync_interval,
         malformed=malformed,
         security=security,
+        read_ahead=read_ahead_of(int(config.read_ahead)),
     )
 
     async def close_links() -> None:

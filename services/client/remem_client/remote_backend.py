@@ -66,6 +66,7 @@ from remem_client.backend import BackendError
 from remem_client.links import PageServerLink, ReplicaFailure, page_keys
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
+from remem_client.readahead import Fetch, ReadAhead
 from remem_client.sealing import PageSealer, SealingError
 
 log = logging.getLogger("client.remote")
@@ -165,6 +166,7 @@ class RemoteBackend:
         resync_interval: float = 0.5,
         malformed: MalformedReplies | None = None,
         security: Security | None = None,
+        read_ahead: ReadAhead | None = None,
     ) -> None:
         if size % PAGE_SIZE:
             raise ValueError(f"size must be a multiple of {PAGE_SIZE}")
@@ -219,6 +221,8 @@ class RemoteBackend:
         self._resync_task: asyncio.Task[None] | None = None
         # The last replica write failed and went to the mirror alone (for the mode metric).
         self.network_down = False
+        # Pages fetched ahead of sequential reads (None: off).
+        self.read_ahead = read_ahead
         # Run after the links are closed (the placement link, the ZeroMQ context).
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -455,6 +459,18 @@ class RemoteBackend:
         first = offset // PAGE_SIZE
         last = (offset + length - 1) // PAGE_SIZE
         count = last - first + 1
+        ahead = self.read_ahead
+        if ahead is not None:
+            hit = ahead.lookup(first, count)
+            if hit is None and (fetching := ahead.pending(first, count)) is not None:
+                await asyncio.wait((fetching,))  # not `await`: cancelling us must not cancel it
+                hit = ahead.lookup(first, count)
+            window = ahead.next_window(first, count, self.page_count)
+            if window is not None:
+                self._spawn(self._fetch_ahead(ahead.begin(*window)))
+            if hit is not None:
+                skip = offset - first * PAGE_SIZE
+                return memoryview(hit)[skip : skip + length]
         slab = first // SLAB_PAGES
         if (
             count <= FAST_PAGES
@@ -525,6 +541,22 @@ class RemoteBackend:
             data = memoryview(plain)
         self.stats.pages_read_remote += count
         return data
+
+    async def _fetch_ahead(self, fetch: Fetch) -> None:
+        """Read pages ahead of a sequential reader into the read-ahead ring."""
+        assert self.read_ahead is not None
+        pages = None
+        try:
+            pages = await self._load(fetch.first, fetch.end - fetch.first)
+        except BackendError as exc:  # the reader's own read fails over, or reports it
+            log.debug("read-ahead of pages %d..%d failed: %s", fetch.first, fetch.end, exc)
+        finally:
+            self.read_ahead.finish(fetch, pages)
+
+    def _forget_ahead(self, offset: int, length: int) -> None:
+        """Pages of [offset, offset + length) change: the read-ahead ring drops them."""
+        if self.read_ahead is not None:
+            self.read_ahead.forget(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE))
 
     async def _load(self, first: int, count: int) -> PageArray:
         """Pages [first, first + count) from wherever the newest copy is: the replicas, or
@@ -778,6 +810,15 @@ class RemoteBackend:
         )
 
     async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        # Dropped from the read-ahead ring before and after: a fetch ahead that read the
+        # replicas while this write was landing is not kept (see readahead).
+        self._forget_ahead(offset, len(data))
+        try:
+            await self._pwrite(offset, data)
+        finally:
+            self._forget_ahead(offset, len(data))
+
+    async def _pwrite(self, offset: int, data: memoryview) -> None:
         end = offset + len(data)
         if offset % PAGE_SIZE == 0 and end % PAGE_SIZE == 0:
             pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
@@ -985,9 +1026,20 @@ class RemoteBackend:
         return None
 
     async def trim(self, offset: int, length: int) -> None:
-        await self._free_whole_pages(offset, length)
+        self._forget_ahead(offset, length)
+        try:
+            await self._free_whole_pages(offset, length)
+        finally:
+            self._forget_ahead(offset, length)
 
     async def zero(self, offset: int, length: int, may_trim: bool) -> None:
+        self._forget_ahead(offset, length)
+        try:
+            await self._zero(offset, length)
+        finally:
+            self._forget_ahead(offset, length)
+
+    async def _zero(self, offset: int, length: int) -> None:
         end = offset + length
         first_full = -(-offset // PAGE_SIZE) * PAGE_SIZE
         last_full = end // PAGE_SIZE * PAGE_SIZE

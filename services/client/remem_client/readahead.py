@@ -1,0 +1,175 @@
+"""Read-ahead for sequential page-ins: pages fetched before the kernel asks for them.
+
+The kernel pages a swapped-out region back in address order, a few pages per request (its
+own swap read-ahead, `vm.page-cluster`), and each request waits for a round trip to a page
+server: that wait, not bandwidth, is what a page-in costs. When reads come in sequence, the
+client fetches the window of pages that follows them in one batch, ahead of the kernel, and
+keeps those pages in a fixed ring; a read found whole in the ring is answered with no round
+trip, and a read of pages whose fetch is still on its way waits for that fetch instead of
+asking again. (Leap, ATC '20, makes the same case for remote-memory paging.)
+
+Consistency: the ring holds each page as it was when fetched. A write, trim or zeroing of a
+page drops it from the ring when it starts and again when it completes, and marks the fetches
+in flight that cover it stale, so their pages are never kept: a fetch that read a replica
+while a write was landing cannot leave the old bytes behind.
+
+Memory: the ring is allocated once, at start, and never grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from remem_common.protocol.pages import PAGE_SIZE, PageArray
+
+# A read this close (in pages) past the end of the previous one continues its stream: the
+# kernel's read-ahead requests of one fault can arrive a little out of order.
+STREAM_SLACK = 8
+
+
+@dataclass(slots=True)
+class Fetch:
+    """Pages [first, end) being fetched ahead."""
+
+    first: int
+    end: int
+    done: asyncio.Future[None]
+    stale: bool = False
+
+
+@dataclass
+class ReadAhead:
+    """A ring of `capacity` pages fetched ahead, in windows of `window` pages."""
+
+    capacity: int
+    window: int
+    hits: int = 0  # pages answered from the ring
+    fetched: int = 0  # pages fetched ahead and kept
+    _data: PageArray = field(init=False, repr=False)
+    _page_of: list[int] = field(init=False, repr=False)
+    _slot_of: dict[int, int] = field(init=False, repr=False)
+    _fetches: list[Fetch] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or not 1 <= self.window <= self.capacity:
+            raise ValueError("read-ahead needs 1 <= window <= capacity pages")
+        self._data = np.zeros((self.capacity, PAGE_SIZE), dtype=np.uint8)
+        self._page_of = [-1] * self.capacity
+        self._slot_of = {}
+        self._next_slot = 0
+        self._fetches = []
+        self._stream_end = -1  # end of the last read (exclusive), in pages
+        self._fetched_until = -1  # end of the last window fetched for that stream
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def lookup(self, first: int, count: int) -> bytes | None:
+        """Pages [first, first + count) if the ring holds every one of them."""
+        slot = self._slot_of.get(first)
+        if slot is None:
+            return None
+        slots = [slot]
+        for page in range(first + 1, first + count):
+            slot = self._slot_of.get(page)
+            if slot is None:
+                return None
+            slots.append(slot)
+        self.hits += count
+        if slots[-1] - slots[0] == count - 1:  # filled together: one slice
+            return self._data[slots[0] : slots[0] + count].tobytes()
+        return b"".join(self._data[slot] for slot in slots)
+
+    def pending(self, first: int, count: int) -> asyncio.Future[None] | None:
+        """The fetch in flight that covers pages [first, first + count), if any."""
+        end = first + count
+        for fetch in self._fetches:
+            if fetch.first <= first and end <= fetch.end and not fetch.stale:
+                return fetch.done
+        return None
+
+    def next_window(self, first: int, count: int, page_count: int) -> tuple[int, int] | None:
+        """After a read of [first, first + count): the pages to fetch ahead now, or None
+        (not a sequential stream, or what was fetched ahead still covers half a window)."""
+        end = first + count
+        sequential = 0 <= first - self._stream_end <= STREAM_SLACK or (
+            first < self._stream_end <= end
+        )
+        self._stream_end = max(end, self._stream_end) if sequential else end
+        if not sequential:
+            self._fetched_until = -1
+            return None
+        if self._fetched_until - end > self.window // 2:
+            return None
+        start = max(end, self._fetched_until)
+        stop = min(end + self.window, page_count)
+        if start >= stop:
+            return None
+        self._fetched_until = stop
+        return start, stop
+
+    # -- fetches ---------------------------------------------------------------------------
+
+    def begin(self, first: int, end: int) -> Fetch:
+        fetch = Fetch(first, end, asyncio.get_running_loop().create_future())
+        self._fetches.append(fetch)
+        return fetch
+
+    def finish(self, fetch: Fetch, pages: Any) -> None:
+        """Keep a fetch's pages (a (count, 4096) array; None if it failed) unless stale."""
+        self._fetches.remove(fetch)
+        if pages is not None and not fetch.stale:
+            count = fetch.end - fetch.first
+            if count > self.capacity:
+                pages, count = pages[:count], self.capacity
+            self._drop(fetch.first, fetch.first + count)
+            if self._next_slot + count > self.capacity:
+                self._next_slot = 0  # keep a window's slots together: one slice per hit
+            start = self._next_slot
+            for offset in range(count):
+                old = self._page_of[start + offset]
+                if old >= 0:
+                    del self._slot_of[old]
+                self._page_of[start + offset] = fetch.first + offset
+                self._slot_of[fetch.first + offset] = start + offset
+            self._data[start : start + count] = pages[:count]
+            self._next_slot = start + count
+            self.fetched += count
+        if not fetch.done.done():
+            fetch.done.set_result(None)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def forget(self, first: int, end: int) -> None:
+        """Pages [first, end) change: drop them, and mark fetches covering them stale."""
+        for fetch in self._fetches:
+            if fetch.first < end and first < fetch.end:
+                fetch.stale = True
+        if self._slot_of:
+            self._drop(first, end)
+
+    def _drop(self, first: int, end: int) -> None:
+        if end - first <= len(self._slot_of):
+            pages: Any = range(first, end)
+        else:  # a large trim: look at what the ring holds instead
+            pages = [page for page in self._slot_of if first <= page < end]
+        for page in pages:
+            slot = self._slot_of.pop(page, None)
+            if slot is not None:
+                self._page_of[slot] = -1
+
+
+# Pages fetched per window at most: 512 KiB, several of the kernel's page-in clusters, and
+# little wasted where a sequential run ends.
+MAX_WINDOW = 128
+
+
+def read_ahead_of(nbytes: int) -> ReadAhead | None:
+    """A ring of `nbytes` (None for 0: read-ahead off), fetching a quarter of it at most at
+    a time, up to MAX_WINDOW pages."""
+    capacity = nbytes // PAGE_SIZE
+    if capacity < 1:
+        return None
+    return ReadAhead(capacity=capacity, window=min(MAX_WINDOW, max(1, capacity // 4)))

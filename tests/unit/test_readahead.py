@@ -1,0 +1,66 @@
+"""The client's read-ahead ring on its own: streams, windows, and what a write drops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from remem_client.readahead import ReadAhead, read_ahead_of
+from remem_common.protocol.pages import PAGE_SIZE
+
+
+def pages(first: int, count: int) -> np.ndarray:
+    out = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+    out[:, 0] = np.arange(first, first + count) % 251
+    return out
+
+
+async def test_a_stream_gets_windows_ahead_and_a_jump_ends_it() -> None:
+    ahead = ReadAhead(capacity=64, window=16)
+    assert ahead.next_window(100, 4, 1000) is None  # one read is no stream yet
+    assert ahead.next_window(104, 4, 1000) == (108, 124)
+    assert ahead.next_window(108, 4, 1000) is None  # still more than half a window ahead
+    assert ahead.next_window(112, 4, 1000) == (124, 132)  # topped up
+    assert ahead.next_window(500, 4, 1000) is None  # a jump: a new stream begins
+    assert ahead.next_window(504, 4, 1000) == (508, 524)
+    assert ahead.next_window(990, 4, 1000) is None
+    assert ahead.next_window(994, 4, 1000) == (998, 1000)  # never past the device
+
+
+async def test_fetched_pages_are_served_until_dropped_or_evicted() -> None:
+    ahead = ReadAhead(capacity=32, window=16)
+    fetch = ahead.begin(10, 26)
+    assert ahead.pending(12, 4) is fetch.done and ahead.lookup(12, 4) is None
+    ahead.finish(fetch, pages(10, 16))
+    assert fetch.done.done() and ahead.pending(12, 4) is None
+    assert ahead.lookup(12, 4) == pages(12, 4).tobytes()
+    assert ahead.lookup(24, 4) is None  # 26, 27 were never fetched
+    ahead.forget(13, 14)
+    assert ahead.lookup(12, 4) is None and ahead.lookup(14, 4) == pages(14, 4).tobytes()
+    for first in (100, 200):  # 32 more pages push the first fetch out of the ring
+        ahead.finish(ahead.begin(first, first + 16), pages(first, 16))
+    assert ahead.lookup(14, 1) is None
+    assert ahead.lookup(100, 16) == pages(100, 16).tobytes()
+    assert ahead.lookup(200, 16) == pages(200, 16).tobytes()
+    assert ahead.hits == 4 + 4 + 32 and ahead.fetched == 48
+
+
+async def test_a_fetch_overlapping_a_write_is_not_kept() -> None:
+    ahead = ReadAhead(capacity=32, window=16)
+    fetch = ahead.begin(0, 16)
+    ahead.forget(15, 20)  # a write began (or ended) while the fetch was on its way
+    ahead.finish(fetch, pages(0, 16))
+    assert fetch.done.done()
+    assert ahead.lookup(0, 1) is None and ahead.fetched == 0
+    failed = ahead.begin(0, 16)
+    ahead.finish(failed, None)  # a fetch that failed wakes its waiters, keeps nothing
+    assert failed.done.done() and ahead.lookup(0, 1) is None
+
+
+def test_sizes() -> None:
+    assert read_ahead_of(0) is None
+    ring = read_ahead_of(8 << 20)
+    assert ring is not None and (ring.capacity, ring.window) == (2048, 128)
+    small = read_ahead_of(16 * PAGE_SIZE)
+    assert small is not None and (small.capacity, small.window) == (16, 4)
+    with pytest.raises(ValueError):
+        ReadAhead(capacity=4, window=8)
