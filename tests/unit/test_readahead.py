@@ -18,12 +18,14 @@ async def test_a_stream_gets_windows_ahead_and_a_jump_ends_it() -> None:
     ahead = ReadAhead(capacity=64, window=16)
     assert ahead.next_window(100, 4, 1000) is None  # one read is no stream yet
     assert ahead.next_window(104, 4, 1000) == (108, 124)
-    assert ahead.next_window(108, 4, 1000) is None  # still more than half a window ahead
-    assert ahead.next_window(112, 4, 1000) == (124, 132)  # topped up
+    assert ahead.next_window(108, 4, 1000) == (124, 140)  # a second window on its way
+    assert ahead.next_window(112, 4, 1000) is None  # a whole window ahead still
+    assert ahead.next_window(124, 4, 1000) == (140, 156)  # topped up
     assert ahead.next_window(500, 4, 1000) is None  # a jump: a new stream begins
     assert ahead.next_window(504, 4, 1000) == (508, 524)
     assert ahead.next_window(990, 4, 1000) is None
     assert ahead.next_window(994, 4, 1000) == (998, 1000)  # never past the device
+    assert ahead.next_window(998, 2, 1000) is None
 
 
 async def test_fetched_pages_are_served_until_dropped_or_evicted() -> None:

@@ -92,7 +92,10 @@ class ReadAhead:
 
     def next_window(self, first: int, count: int, page_count: int) -> tuple[int, int] | None:
         """After a read of [first, first + count): the pages to fetch ahead now, or None
-        (not a sequential stream, or what was fetched ahead still covers half a window)."""
+        (not a sequential stream, or a whole window is fetched, or being fetched, ahead).
+
+        Keeping one to two windows ahead keeps a second fetch on its way while the reader
+        consumes the first: with one, a reader faster than a fetch waits for each window."""
         end = first + count
         sequential = 0 <= first - self._stream_end <= STREAM_SLACK or (
             first < self._stream_end <= end
@@ -101,10 +104,10 @@ class ReadAhead:
         if not sequential:
             self._fetched_until = -1
             return None
-        if self._fetched_until - end > self.window // 2:
+        if self._fetched_until - end >= self.window:
             return None
         start = max(end, self._fetched_until)
-        stop = min(end + self.window, page_count)
+        stop = min(start + self.window, page_count)
         if start >= stop:
             return None
         self._fetched_until = stop
