@@ -23,6 +23,10 @@ async def test_a_stream_gets_windows_ahead_and_a_jump_ends_it() -> None:
     assert ahead.next_window(124, 4, 1000) == (140, 156)  # topped up
     assert ahead.next_window(500, 4, 1000) is None  # a jump: a new stream begins
     assert ahead.next_window(504, 4, 1000) == (508, 524)
+    assert ahead.next_window(900, 1, 1000) is None  # a stray read...
+    assert ahead.next_window(128, 4, 1000) is None  # ...and the first stream goes on, a
+    assert ahead.next_window(132, 4, 1000) is None  # whole window still ahead of it
+    assert ahead.next_window(144, 4, 1000) == (156, 172)
     assert ahead.next_window(990, 4, 1000) is None
     assert ahead.next_window(994, 4, 1000) == (998, 1000)  # never past the device
     assert ahead.next_window(998, 2, 1000) is None
@@ -66,3 +70,22 @@ def test_sizes() -> None:
     assert small is not None and (small.capacity, small.window) == (16, 4)
     with pytest.raises(ValueError):
         ReadAhead(capacity=4, window=8)
+
+
+async def test_a_window_skips_pages_the_ring_holds() -> None:
+    ahead = ReadAhead(capacity=64, window=16)
+    ahead.finish(ahead.begin(10, 30), pages(10, 20))
+    assert ahead.next_window(2, 4, 1000) is None
+    assert ahead.next_window(6, 4, 1000) == (30, 46)  # 10..29 are held already
+
+
+async def test_windows_grow_with_the_stream() -> None:
+    ahead = ReadAhead(capacity=1024, window=128)
+    assert ahead.next_window(0, 1, 10000) is None
+    assert ahead.next_window(1, 1, 10000) == (2, 18)  # a short stream: a short window
+    assert ahead.next_window(1000, 8, 10000) is None
+    assert ahead.next_window(1008, 8, 10000) == (1016, 1048)  # twice the 16 pages read
+    assert ahead.next_window(1016, 8, 10000) == (1048, 1096)  # 24 read: up to 48 ahead
+    windows = [ahead.next_window(first, 8, 10000) for first in range(1024, 2048, 8)]
+    sizes = [stop - start for start, stop in filter(None, windows)]
+    assert max(sizes) == 128 and sizes == sorted(sizes)

@@ -76,6 +76,7 @@ class _RemoteCollector(Collector):
         if ahead is not None:  # fetched ahead of sequential reads, and read from there
             pages.add_metric(["read_ahead_fetched"], ahead.fetched)
             pages.add_metric(["read_ahead_hit"], ahead.hits)
+            pages.add_metric(["read_ahead_waited"], ahead.waited)
         yield pages
         if self._backend.malformed is not None:
             malformed = CounterMetricFamily(

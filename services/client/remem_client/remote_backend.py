@@ -465,6 +465,7 @@ class RemoteBackend:
             if hit is None and (fetching := ahead.pending(first, count)) is not None:
                 await asyncio.wait((fetching,))  # not `await`: cancelling us must not cancel it
                 hit = ahead.lookup(first, count)
+                ahead.waited += count if hit is not None else 0
             window = ahead.next_window(first, count, self.page_count)
             if window is not None:
                 self._spawn(self._fetch_ahead(ahead.begin(*window)))
