@@ -221,8 +221,9 @@ class RemoteBackend:
         self._resync_task: asyncio.Task[None] | None = None
         # The last replica write failed and went to the mirror alone (for the mode metric).
         self.network_down = False
-        # Pages fetched ahead of sequential reads (None: off).
+        # Pages fetched ahead of sequential reads (None: off), and the fetches on their way.
         self.read_ahead = read_ahead
+        self._fetching: set[asyncio.Task[None]] = set()
         # Run after the links are closed (the placement link, the ZeroMQ context).
         self.on_close: list[Callable[[], Awaitable[None]]] = []
 
@@ -468,7 +469,17 @@ class RemoteBackend:
                 ahead.waited += count if hit is not None else 0
             window = ahead.next_window(first, count, self.page_count)
             if window is not None:
-                self._spawn(self._fetch_ahead(ahead.begin(*window)))
+                # Only pages known written: the rest read as zeros without asking anyone,
+                # and on a slab adopted after a restart a replica lacking a page that was
+                # never written is no failure worth reporting for a guess.
+                start = window[0]
+                bits = self._written_bits(start, window[1] - start)
+                written = ((bits ^ (bits + 1)) >> 1).bit_length()  # leading pages set
+                if written:
+                    fetch = ahead.begin(start, start + written)
+                    task = asyncio.ensure_future(self._fetch_ahead(fetch))
+                    self._fetching.add(task)
+                    task.add_done_callback(self._fetching.discard)
             if hit is not None:
                 skip = offset - first * PAGE_SIZE
                 return memoryview(hit)[skip : skip + length]
@@ -1194,6 +1205,8 @@ class RemoteBackend:
     async def close(self) -> None:
         if self._resync_task is not None:
             self._resync_task.cancel()
+        for task in list(self._fetching):  # guesses: nobody waits for them but readers
+            task.cancel()
         if self.mirror is not None:
             self.mirror.close()
         for link in self._links.values():
