@@ -201,3 +201,35 @@ def test_format_1_arena_is_refused(arena: Path) -> None:
         raw.write(HEADER.pack(MAGIC, 1, PAGE_SIZE, 4, slots_offset, data_offset))
     with pytest.raises(ArenaError, match="not a remem arena of this format"):
         PageStore(arena, 4)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 17, 200])
+def test_lookups_small_and_large_agree_with_a_model(arena: Path, batch: int) -> None:
+    """Small batches are looked up in plain Python, larger ones with numpy: both find exactly
+    the pages a dict says are there, in any mix of slabs, present and absent."""
+    store = PageStore(arena, 512)
+    rng = np.random.default_rng(batch)
+    model: dict[tuple[int, int], int] = {}
+    for start in range(0, 400, 40):
+        slabs = rng.integers(0, 4, 40).tolist()
+        pages = rng.integers(0, 64, 40).tolist()
+        pairs = list(dict.fromkeys(zip(slabs, pages, strict=True)))  # no page twice a batch
+        data = random_pages(len(pairs), seed=start)
+        put(store, "t", [s for s, _ in pairs], [p for _, p in pairs], data)
+        for index, pair in enumerate(pairs):
+            model[pair] = int(checksum_pages(data[index : index + 1])[0])
+    for _ in range(50):
+        wanted = list(
+            dict.fromkeys(
+                zip(
+                    rng.integers(0, 5, batch).tolist(),
+                    rng.integers(0, 64, batch).tolist(),
+                    strict=True,
+                )
+            )
+        )
+        result = store.get("t", 0, make_keys([s for s, _ in wanted], [p for _, p in wanted]))
+        assert result.found.tolist() == [pair in model for pair in wanted]
+        assert result.crcs.tolist() == [model.get(pair, 0) for pair in wanted]
+        assert np.array_equal(checksum_pages(result.data)[result.found], result.crcs[result.found])
+    store.close()

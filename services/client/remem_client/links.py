@@ -45,6 +45,7 @@ from remem_common.protocol.pages import (
     unpack_seals,
 )
 from remem_common.security import KeyFileError, Security
+from remem_common.wire import recv_frames, send_frames
 
 from remem_client.metrics import MalformedReplies
 
@@ -306,7 +307,7 @@ class PageServerLink:
             _REQUEST_TYPE[batch.op], msg_id, self.tenant, self.volume, batch.count
         )
         try:
-            self._socket.send_multipart([DELIMITER, header, keys, *crcs_data], flags=_NOBLOCK)
+            send_frames(self._socket, [DELIMITER, header, keys, *crcs_data])
         except zmq.ZMQError as exc:
             future.set_exception(
                 ReplicaFailure(self.server_id, ErrorCode.UNAVAILABLE, f"send failed: {exc}")
@@ -341,7 +342,7 @@ class PageServerLink:
             return
         while self._socket.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
             try:
-                frames = self._socket.recv_multipart(flags=_NOBLOCK, copy=False)
+                frames = recv_frames(self._socket)
             except zmq.Again:
                 return
             self._on_reply(frames)

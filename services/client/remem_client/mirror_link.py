@@ -53,6 +53,7 @@ from remem_common.protocol.client_mirror import (
 from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 from remem_common.security import Security
+from remem_common.wire import recv_frames
 
 from remem_client.metrics import MalformedReplies
 
@@ -352,7 +353,7 @@ class MirrorLink:
             return
         while sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
             try:
-                frames = sock.recv_multipart(flags=_NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self._on_reply(frames)

