@@ -8,6 +8,11 @@ keeps those pages in a fixed ring; a read found whole in the ring is answered wi
 trip, and a read of pages whose fetch is still on its way waits for that fetch instead of
 asking again. (Leap, ATC '20, makes the same case for remote-memory paging.)
 
+The ring holds pages as the replicas do, sealed: a fetch is a guess, so it neither decrypts
+(a read that finds the pages opens them, and a page fetched for nothing costs no AES) nor
+fails over or reports anything; a page that does not come back found and checksummed is not
+kept, and a read that misses or fails to open a page takes the client's usual path.
+
 Consistency: the ring holds each page as it was when fetched. A write, trim or zeroing of a
 page drops it from the ring when it starts and again when it completes, and marks the fetches
 in flight that cover it stale, so their pages are never kept: a fetch that read a replica
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from remem_common.protocol.pages import PAGE_SIZE, PageArray
+from remem_common.protocol.pages import PAGE_SIZE, SEAL_BYTES, PageArray
 
 # A read this close (in pages) past the end of a stream's last read continues it: the
 # kernel's read-ahead requests of one fault can arrive a little out of order.
@@ -56,6 +61,7 @@ class ReadAhead:
     waited: int = 0  # of those, pages whose read waited for the fetch still on its way
     fetched: int = 0  # pages fetched ahead and kept
     _data: PageArray = field(init=False, repr=False)
+    _seals: PageArray = field(init=False, repr=False)
     _page_of: list[int] = field(init=False, repr=False)
     _slot_of: dict[int, int] = field(init=False, repr=False)
     _fetches: list[Fetch] = field(init=False, repr=False)
@@ -64,6 +70,7 @@ class ReadAhead:
         if self.capacity < 1 or not 1 <= self.window <= self.capacity:
             raise ValueError("read-ahead needs 1 <= window <= capacity pages")
         self._data = np.zeros((self.capacity, PAGE_SIZE), dtype=np.uint8)
+        self._seals = np.zeros((self.capacity, SEAL_BYTES), dtype=np.uint8)
         self._page_of = [-1] * self.capacity
         self._slot_of = {}
         self._next_slot = 0
@@ -74,8 +81,8 @@ class ReadAhead:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def lookup(self, first: int, count: int) -> bytes | None:
-        """Pages [first, first + count) if the ring holds every one of them."""
+    def lookup(self, first: int, count: int) -> tuple[bytes, bytes] | None:
+        """Pages [first, first + count) and their seals, if the ring holds every one."""
         slot = self._slot_of.get(first)
         if slot is None:
             return None
@@ -87,8 +94,12 @@ class ReadAhead:
             slots.append(slot)
         self.hits += count
         if slots[-1] - slots[0] == count - 1:  # filled together: one slice
-            return self._data[slots[0] : slots[0] + count].tobytes()
-        return b"".join(self._data[slot] for slot in slots)
+            lo, hi = slots[0], slots[0] + count
+            return self._data[lo:hi].tobytes(), self._seals[lo:hi].tobytes()
+        return (
+            b"".join(self._data[slot] for slot in slots),
+            b"".join(self._seals[slot] for slot in slots),
+        )
 
     def pending(self, first: int, count: int) -> asyncio.Future[None] | None:
         """The fetch in flight that covers pages [first, first + count), if any."""
@@ -98,9 +109,12 @@ class ReadAhead:
                 return fetch.done
         return None
 
-    def next_window(self, first: int, count: int, page_count: int) -> tuple[int, int] | None:
+    def next_window(
+        self, first: int, count: int, page_count: int, boundary: int
+    ) -> tuple[int, int] | None:
         """After a read of [first, first + count): the pages to fetch ahead now, or None
         (not a sequential stream, or a whole window is fetched, or being fetched, ahead).
+        A window never crosses a multiple of `boundary` (a slab: one replica set, one key).
 
         Keeping one to two windows ahead keeps a second fetch on its way while the reader
         consumes the first: with one, a reader faster than a fetch waits for each window."""
@@ -124,7 +138,7 @@ class ReadAhead:
         start = max(end, stream[1])
         while start in self._slot_of:  # held already (a fetch for a stream that broke off)
             start += 1
-        stop = min(start + window, page_count)
+        stop = min(start + window, page_count, (start // boundary + 1) * boundary)
         if start >= stop:
             return None
         stream[1] = stop
@@ -137,13 +151,12 @@ class ReadAhead:
         self._fetches.append(fetch)
         return fetch
 
-    def finish(self, fetch: Fetch, pages: Any) -> None:
-        """Keep a fetch's pages (a (count, 4096) array; None if it failed) unless stale."""
+    def finish(self, fetch: Fetch, pages: Any = None, seals: Any = None) -> None:
+        """Keep a fetch's pages and seals ((count, 4096) and (count, 28) arrays; None if it
+        failed) unless stale."""
         self._fetches.remove(fetch)
         if pages is not None and not fetch.stale:
-            count = fetch.end - fetch.first
-            if count > self.capacity:
-                pages, count = pages[:count], self.capacity
+            count = min(fetch.end - fetch.first, self.capacity)
             self._drop(fetch.first, fetch.first + count)
             if self._next_slot + count > self.capacity:
                 self._next_slot = 0  # keep a window's slots together: one slice per hit
@@ -155,6 +168,7 @@ class ReadAhead:
                 self._page_of[start + offset] = fetch.first + offset
                 self._slot_of[fetch.first + offset] = start + offset
             self._data[start : start + count] = pages[:count]
+            self._seals[start : start + count] = seals[:count]
             self._next_slot = start + count
             self.fetched += count
         if not fetch.done.done():
