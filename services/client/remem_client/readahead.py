@@ -24,7 +24,7 @@ Memory: the ring is allocated once, at start, and never grows.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,30 +51,23 @@ class Fetch:
     stale: bool = False
 
 
-@dataclass
 class ReadAhead:
-    """A ring of `capacity` pages fetched ahead, in windows of `window` pages."""
+    """A ring of `capacity` pages fetched ahead, in windows of up to `window` pages."""
 
-    capacity: int
-    window: int
-    hits: int = 0  # pages answered from the ring (after waiting for their fetch or not)
-    waited: int = 0  # of those, pages whose read waited for the fetch still on its way
-    fetched: int = 0  # pages fetched ahead and kept
-    _data: PageArray = field(init=False, repr=False)
-    _seals: PageArray = field(init=False, repr=False)
-    _page_of: list[int] = field(init=False, repr=False)
-    _slot_of: dict[int, int] = field(init=False, repr=False)
-    _fetches: list[Fetch] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.capacity < 1 or not 1 <= self.window <= self.capacity:
+    def __init__(self, capacity: int, window: int) -> None:
+        if capacity < 1 or not 1 <= window <= capacity:
             raise ValueError("read-ahead needs 1 <= window <= capacity pages")
-        self._data = np.zeros((self.capacity, PAGE_SIZE), dtype=np.uint8)
-        self._seals = np.zeros((self.capacity, SEAL_BYTES), dtype=np.uint8)
-        self._page_of = [-1] * self.capacity
-        self._slot_of = {}
+        self.capacity = capacity
+        self.window = window
+        self.hits = 0  # pages answered from the ring (after waiting for their fetch or not)
+        self.waited = 0  # of those, pages whose read waited for the fetch still on its way
+        self.fetched = 0  # pages fetched ahead and kept
+        self._data: PageArray = np.zeros((capacity, PAGE_SIZE), dtype=np.uint8)
+        self._seals: PageArray = np.zeros((capacity, SEAL_BYTES), dtype=np.uint8)
+        self._page_of = [-1] * capacity
+        self._slot_of: dict[int, int] = {}
         self._next_slot = 0
-        self._fetches = []
+        self._fetches: list[Fetch] = []
         # [end of the stream's last read, end of what was fetched for it (pages,
         # exclusive), pages read in it], the most recently read stream first.
         self._streams: list[list[int]] = []

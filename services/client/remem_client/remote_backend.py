@@ -63,7 +63,7 @@ from remem_common.protocol.pages import (
 from remem_common.security import Security
 
 from remem_client.backend import BackendError
-from remem_client.links import PageServerLink, ReplicaFailure, page_keys
+from remem_client.links import GetResult, PageServerLink, ReplicaFailure, page_keys
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink, consume_outcome
 from remem_client.readahead import Fetch, ReadAhead
@@ -75,6 +75,27 @@ FAST_PAGES = 64
 _PAIRS = [struct.Struct(f"<{2 * n}I") for n in range(FAST_PAGES + 1)]
 _CRCS = [struct.Struct(f"<{n}I") for n in range(FAST_PAGES + 1)]
 _ONES = [b"\x01" * n for n in range(FAST_PAGES + 1)]
+
+
+def _whole_run(result: GetResult, start: int, count: int) -> tuple[Any, Any] | None:
+    """Rows [start, start + count) of a GET reply (pages, seals), if every page was found
+    and matches its checksum; None otherwise."""
+    if count <= FAST_PAGES:
+        if result.found_raw[start : start + count] != _ONES[count]:
+            return None
+        crcs = _CRCS[count].unpack_from(result.crc_raw, 4 * start)
+        data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+        for index in range(count):  # plain Python: numpy's per-call cost dominates here
+            if crc32c.crc32c(data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]) != crcs[index]:
+                return None
+    else:
+        if not result.found[start : start + count].all():
+            return None
+        rows = result.data[start : start + count]
+        if not np.array_equal(checksum_pages(rows), result.crcs[start : start + count]):
+            return None
+        data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+    return data, result.seal_raw[start * SEAL_BYTES : (start + count) * SEAL_BYTES]
 
 
 def _interleave(slab: int, page: int, count: int) -> list[int]:
@@ -538,21 +559,22 @@ class RemoteBackend:
             result = await future
         except ReplicaFailure:
             return None  # the general path fails over and reports
-        if result.found_raw[start : start + count] != _ONES[count]:
-            return None
-        crcs = _CRCS[count].unpack_from(result.crc_raw, 4 * start)
-        data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
-        for index in range(count):
-            if crc32c.crc32c(data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]) != crcs[index]:
-                return None
+        whole = _whole_run(result, start, count)
+        # None: the general path fails over, counts and reports.
+        return None if whole is None else self._open_run(first, count, *whole)
+
+    def _open_run(self, first: int, count: int, data: Any, seals: Any) -> memoryview | None:
+        """Plaintext of pages [first, first + count) of one slab, or None if one fails
+        authentication (the caller's usual path counts and reports it)."""
         if self.sealer is not None:
+            slab = first // SLAB_PAGES
+            page = first - slab * SLAB_PAGES
             plain = bytearray(count * PAGE_SIZE)
-            seals = result.seal_raw[start * SEAL_BYTES : (start + count) * SEAL_BYTES]
             if self.sealer.open_into(slab, range(page, page + count), data, seals, plain):
-                return None  # the general path fails over, counts and reports
-            data = memoryview(plain)
+                return None
+            data = plain
         self.stats.pages_read_remote += count
-        return data
+        return memoryview(data)
 
     async def _fetch_ahead(self, fetch: Fetch) -> None:
         """Fetch sealed pages ahead of a sequential reader into the read-ahead ring, from one
@@ -583,33 +605,25 @@ class RemoteBackend:
             result = await future
         except ReplicaFailure:
             return None, None
-        if result.found_raw[start : start + count] != b"\x01" * count:
+        whole = _whole_run(result, start, count)
+        if whole is None:
             return None, None
-        data = np.frombuffer(result.data_raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        rows = data[start : start + count]
-        crcs = np.frombuffer(result.crc_raw, dtype=np.uint32)[start : start + count]
-        if not np.array_equal(checksum_pages(rows), crcs):
-            return None, None
-        seals = np.frombuffer(result.seal_raw, dtype=np.uint8).reshape(-1, SEAL_BYTES)
-        return rows, seals[start : start + count]
+        data, seals = whole
+        return (
+            np.frombuffer(data, dtype=np.uint8).reshape(count, PAGE_SIZE),
+            np.frombuffer(seals, dtype=np.uint8).reshape(count, SEAL_BYTES),
+        )
 
     def _open_ahead(self, first: int, count: int, data: bytes, seals: bytes) -> memoryview | None:
         """Plaintext of pages found in the read-ahead ring, or None (the read takes the usual
-        path) if they span two slabs or one fails authentication."""
-        if self.sealer is None:
-            self.stats.pages_read_remote += count
-            return memoryview(data)
-        slab = first // SLAB_PAGES
-        if (first + count - 1) // SLAB_PAGES != slab:
+        path) if they span two slabs or one fails authentication (then the ring drops them)."""
+        if (first + count - 1) // SLAB_PAGES != first // SLAB_PAGES:
             return None
-        plain = bytearray(count * PAGE_SIZE)
-        page = first - slab * SLAB_PAGES
-        if self.sealer.open_into(slab, range(page, page + count), data, seals, plain):
+        plain = self._open_run(first, count, data, seals)
+        if plain is None:
             assert self.read_ahead is not None
             self.read_ahead.forget(first, first + count)
-            return None
-        self.stats.pages_read_remote += count
-        return memoryview(plain)
+        return plain
 
     def _forget_ahead(self, offset: int, length: int) -> None:
         """Pages of [offset, offset + length) change: the read-ahead ring drops them."""
@@ -867,14 +881,18 @@ class RemoteBackend:
             "read repair: wrote %d good pages of slab %d back to %s", pages, slab, replica.server_id
         )
 
-    async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
-        # Dropped from the read-ahead ring before and after: a fetch ahead that read the
-        # replicas while this write was landing is not kept (see readahead).
-        self._forget_ahead(offset, len(data))
+    async def _changing(self, offset: int, length: int, change: Awaitable[None]) -> None:
+        """Run a write, trim or zeroing of [offset, offset + length), its pages dropped from
+        the read-ahead ring before and after: a fetch ahead that read the replicas while the
+        change was landing is not kept (see readahead)."""
+        self._forget_ahead(offset, length)
         try:
-            await self._pwrite(offset, data)
+            await change
         finally:
-            self._forget_ahead(offset, len(data))
+            self._forget_ahead(offset, length)
+
+    async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        await self._changing(offset, len(data), self._pwrite(offset, data))
 
     async def _pwrite(self, offset: int, data: memoryview) -> None:
         end = offset + len(data)
@@ -1084,18 +1102,10 @@ class RemoteBackend:
         return None
 
     async def trim(self, offset: int, length: int) -> None:
-        self._forget_ahead(offset, length)
-        try:
-            await self._free_whole_pages(offset, length)
-        finally:
-            self._forget_ahead(offset, length)
+        await self._changing(offset, length, self._free_whole_pages(offset, length))
 
     async def zero(self, offset: int, length: int, may_trim: bool) -> None:
-        self._forget_ahead(offset, length)
-        try:
-            await self._zero(offset, length)
-        finally:
-            self._forget_ahead(offset, length)
+        await self._changing(offset, length, self._zero(offset, length))
 
     async def _zero(self, offset: int, length: int) -> None:
         end = offset + length

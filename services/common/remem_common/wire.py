@@ -17,16 +17,14 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
-_MORE = int(zmq.SNDMORE)
 
 
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], *, block: bool = False) -> None:
-    """Send `frames` as one message (non-blocking unless `block`; copies small frames)."""
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+    """Send `frames` as one message, non-blocking (copies small frames)."""
     send = sock.send
-    more, last = (_MORE, 0) if block else (_MORE_NOBLOCK, NOBLOCK)
     for frame in frames[:-1]:
-        send(frame, more)
-    send(frames[-1], last)
+        send(frame, _MORE_NOBLOCK)
+    send(frames[-1], NOBLOCK)
 
 
 def recv_frames(sock: zmq.Socket[Any], *, block: bool = False) -> list[zmq.Frame]:
