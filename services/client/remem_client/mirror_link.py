@@ -230,10 +230,7 @@ class MirrorLink:
             await self._wait_for_room(n * PAGE_SIZE)
             if not self.up:
                 return
-            data = pages[start : start + n].tobytes()
-            entry = next(self._entry_ids)
-            self._cache[entry] = (first + start, n, data)
-            self.cache_bytes += len(data)
+            entry = self._cached(first + start, n, pages[start : start + n].tobytes())
             self._gathered.append(entry)
             self._gathered_pages += n
             if self._gathered_pages + MAX_MIRROR_PAGES > MAX_MIRROR_BATCH_PAGES:
@@ -242,6 +239,13 @@ class MirrorLink:
                 # Send at the end of this loop turn, with the page-outs made in it.
                 self._flush_due = True
                 self._loop.call_soon(self._flush_gathered)
+
+    def _cached(self, first: int, count: int, data: bytes) -> int:
+        """Put a write's pages in the write cache; returns their entry id."""
+        entry = next(self._entry_ids)
+        self._cache[entry] = (first, count, data)
+        self.cache_bytes += len(data)
+        return entry
 
     def _flush_gathered(self) -> None:
         self._flush_due = False
@@ -287,10 +291,7 @@ class MirrorLink:
                 sync=True,
             )
             futures.append(self._send(msg, data))
-            entry = next(self._entry_ids)
-            self._cache[entry] = (first + start, n, data)
-            self._carried[msg.msg_id] = [entry]
-            self.cache_bytes += len(data)
+            self._carried[msg.msg_id] = [self._cached(first + start, n, data)]
         for future in futures:
             await future
 
