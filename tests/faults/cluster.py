@@ -288,6 +288,7 @@ FIO_SPREAD = [
     "--size=16M", "--offset_increment=64M", "--verify=crc32c", "--verify_fatal=1",
     "--group_reporting=0",
 ]  # fmt: skip
+FIO_SPREAD_BYTES = 4 * (16 << 20)  # what FIO_SPREAD writes and verifies
 
 
 @dataclass

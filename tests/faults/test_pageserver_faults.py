@@ -14,6 +14,7 @@ import pytest
 
 from .cluster import (
     FIO_SPREAD,
+    FIO_SPREAD_BYTES,
     REPLICA_TIMEOUT,
     FaultCluster,
     assert_replicas_identical,
@@ -27,8 +28,6 @@ from .conftest import MakeCluster
 
 pytestmark = pytest.mark.faults
 
-DATA = 64 << 20  # FIO_SPREAD: four jobs of 16 MiB
-
 
 def test_two_page_servers_sigkilled_one_after_the_other_lose_nothing(
     make_cluster: MakeCluster,
@@ -41,26 +40,26 @@ def test_two_page_servers_sigkilled_one_after_the_other_lose_nothing(
     first = max(cluster.holders().items(), key=lambda item: len(item[1]))[0]
     cluster.pageservers[first].kill(signal.SIGKILL)
     report = run.wait()
-    assert verified_bytes(report) == DATA
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
 
     # Re-replication restores two live replicas of every slab; then all data verifies again.
     after_first = cluster.wait_fully_replicated(slabs=4)
     assert first not in after_first.servers
     report = fio(cluster.uri, *FIO_SPREAD, "--verify_only=1")
-    assert verified_bytes(report) == DATA
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
 
     # A second server dies, under a verifying read load; the slabs it held have their only
     # other copy on servers that were re-replicated to or survived the first death.
     second = max(cluster.holders().items(), key=lambda item: len(item[1]))[0]
     run = start_fio(cluster.uri, *FIO_SPREAD, "--verify_only=1")
     cluster.pageservers[second].kill(signal.SIGKILL)
-    assert verified_bytes(run.wait()) == DATA
+    assert verified_bytes(run.wait()) == FIO_SPREAD_BYTES
     after_second = cluster.wait_fully_replicated(slabs=4)
     assert {first, second}.isdisjoint(after_second.servers)
     # Placement lists the two survivors as the holders of everything...
     assert len(after_second.servers) == 2
     report = fio(cluster.uri, *FIO_SPREAD, "--verify_only=1")
-    assert verified_bytes(report) == DATA
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
     metrics = cluster.client_metrics()
     assert metrics["client_replica_failures_total"] >= 1
     assert cluster.nbd_errors() == 0
@@ -71,7 +70,7 @@ def writes_done(cluster: FaultCluster) -> float:
 
 
 def check_latency(report: dict[str, Any], what: str, seconds: float) -> None:
-    assert verified_bytes(report) == DATA
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
     worst = max_latency_seconds(report)
     # A request that hits the paused server waits one replica timeout, then the server is
     # skipped for a while: a few timeouts at most, never a stall.
@@ -127,11 +126,11 @@ def test_a_paused_page_server_is_failed_over_within_the_replica_timeout(
         pause(cluster, slow, seed)
         cluster.wait_fully_replicated(slabs=4)
         report = fio(cluster.uri, *FIO_SPREAD, f"--randseed={seed}", "--verify_only=1")
-        assert verified_bytes(report) == DATA
+        assert verified_bytes(report) == FIO_SPREAD_BYTES
         wait_until(
             "no write in flight to any replica",
             lambda: cluster.client_metrics()["client_nbd_inflight_requests"] == 0,
             10,
         )
-        assert_replicas_identical(cluster, pages=DATA // 4 // 4096)
+        assert_replicas_identical(cluster, pages=FIO_SPREAD_BYTES // 4 // 4096)
     assert cluster.nbd_errors() == 0

@@ -23,6 +23,7 @@ import pytest
 
 from .cluster import (
     FIO_SPREAD,
+    FIO_SPREAD_BYTES,
     PageServerSpec,
     assert_replicas_identical,
     fio,
@@ -33,8 +34,6 @@ from .cluster import (
 from .conftest import MakeCluster
 
 pytestmark = [pytest.mark.faults, pytest.mark.root]
-
-DATA = 64 << 20  # FIO_SPREAD: four jobs of 16 MiB
 
 
 def ip(*args: str) -> None:
@@ -111,7 +110,7 @@ def test_partitioned_page_servers_fail_over_and_recover_after_healing(
     run = start_fio(cluster.uri, *FIO_SPREAD, "--randseed=3", "--do_verify=1")
     namespace.cut()
     try:
-        assert verified_bytes(run.wait()) == DATA
+        assert verified_bytes(run.wait()) == FIO_SPREAD_BYTES
 
         def cut_off_dead() -> bool:
             states = {s.server_id: s.state for s in cluster.status().servers}
@@ -121,7 +120,7 @@ def test_partitioned_page_servers_fail_over_and_recover_after_healing(
         during = cluster.wait_fully_replicated(slabs=4)
         assert cut_off.isdisjoint(during.servers)
         report = fio(cluster.uri, *FIO_SPREAD, "--randseed=3", "--verify_only=1")
-        assert verified_bytes(report) == DATA
+        assert verified_bytes(report) == FIO_SPREAD_BYTES
         assert cluster.client_metrics()["client_replica_failures_total"] >= 1
     finally:
         namespace.heal()
@@ -140,6 +139,6 @@ def test_partitioned_page_servers_fail_over_and_recover_after_healing(
     wait_until("the cut-off servers to drop their stale copies", stale_copies_dropped, 30)
     # New data may land on them again, and everything verifies.
     report = fio(cluster.uri, *FIO_SPREAD, "--randseed=3", "--verify_only=1")
-    assert verified_bytes(report) == DATA
-    assert_replicas_identical(cluster, pages=DATA // 4 // 4096)
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
+    assert_replicas_identical(cluster, pages=FIO_SPREAD_BYTES // 4 // 4096)
     assert cluster.nbd_errors() == 0

@@ -17,6 +17,7 @@ from remem_client.nbd import wire
 from ..integration.nbd_raw import RawNbd
 from .cluster import (
     FIO_SPREAD,
+    FIO_SPREAD_BYTES,
     SIZE,
     MiB,
     data_set,
@@ -30,8 +31,6 @@ from .cluster import (
 from .conftest import MakeCluster
 
 pytestmark = pytest.mark.faults
-
-DATA = 64 << 20  # FIO_SPREAD: four jobs of 16 MiB
 
 
 def test_placement_sigkilled_and_restarted_under_load(make_cluster: MakeCluster) -> None:
@@ -53,12 +52,15 @@ def test_placement_sigkilled_and_restarted_under_load(make_cluster: MakeCluster)
     assert cluster.placement is not None
     cluster.placement.kill(signal.SIGKILL)
     cluster.start_placement()
-    assert verified_bytes(run.wait()) == DATA
+    assert verified_bytes(run.wait()) == FIO_SPREAD_BYTES
     cluster.wait_registered(set(cluster.specs))
     after = cluster.wait_fully_replicated(slabs=4)
     assert after.epoch > before.epoch
     assert sorted(after.slabs) == sorted(before.slabs)  # nothing moved
-    assert verified_bytes(fio(cluster.uri, *FIO_SPREAD, "--randseed=11", "--verify_only=1")) == DATA
+    assert (
+        verified_bytes(fio(cluster.uri, *FIO_SPREAD, "--randseed=11", "--verify_only=1"))
+        == FIO_SPREAD_BYTES
+    )
     assert cluster.nbd_errors() == 0
 
 
@@ -73,7 +75,7 @@ def test_mirror_sigkilled_and_restarted_under_load(make_cluster: MakeCluster) ->
     assert cluster.mirror is not None
     cluster.mirror.kill(signal.SIGKILL)
     cluster.start_mirror()
-    assert verified_bytes(run.wait()) == DATA
+    assert verified_bytes(run.wait()) == FIO_SPREAD_BYTES
     # The client noticed (the mirror missed writes: it no longer serves page-ins) and sends
     # later writes to the new mirror process.
     wait_until(
@@ -83,7 +85,7 @@ def test_mirror_sigkilled_and_restarted_under_load(make_cluster: MakeCluster) ->
     )
     before = mirrored()
     report = fio(cluster.uri, *FIO_SPREAD, "--randseed=5", "--do_verify=1")
-    assert verified_bytes(report) == DATA
+    assert verified_bytes(report) == FIO_SPREAD_BYTES
 
     # The link tries the mirror again a while after losing it (RETRY_AFTER), on the next
     # write: keep writing (a MiB past the data set each time) until the new mirror confirms.
@@ -94,7 +96,10 @@ def test_mirror_sigkilled_and_restarted_under_load(make_cluster: MakeCluster) ->
         return mirrored() > before
 
     wait_until("writes to reach the new mirror", reached_new_mirror, 30)
-    assert verified_bytes(fio(cluster.uri, *FIO_SPREAD, "--randseed=5", "--verify_only=1")) == DATA
+    assert (
+        verified_bytes(fio(cluster.uri, *FIO_SPREAD, "--randseed=5", "--verify_only=1"))
+        == FIO_SPREAD_BYTES
+    )
     assert cluster.nbd_errors() == 0
 
 

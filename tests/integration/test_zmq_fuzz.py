@@ -37,7 +37,7 @@ from typing import Annotated, Any
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, TypeAdapter
 from remem_client.nbd import wire
@@ -99,6 +99,7 @@ from .placement_support import FAST, PlacementProcesses, wait_registered, wait_u
 from .zmq_fuzz import (
     Sample,
     fuzz_service_router,
+    fuzz_settings,
     malformed_total,
     messages,
 )
@@ -246,13 +247,7 @@ def send_paced(
     start = counted()
     sent = 0
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(examples)
     @given(strategy)
     def one(frames: list[bytes]) -> None:
         nonlocal sent
@@ -353,13 +348,7 @@ def test_pageserver_push_link(start_pageserver: StartPageServer, zmq_context: Co
         order.put("t", 0, keys, data)
         before = malformed_total(scrape(server), "pageserver")
 
-        @settings(
-            max_examples=examples,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
+        @fuzz_settings(examples)
         @given(bad_replies(PEER_REPLY_SAMPLES, PEER_REPLY_ADAPTER))
         def one(frames: list[bytes]) -> None:
             nonlocal sent

@@ -204,6 +204,18 @@ class Tally:
             self.codes[header["error_code"]] += 1
 
 
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings of every fuzzer here: `examples` draws, reproducible (derandomized,
+    no example database), no deadline or health check (services answer at their pace)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 def fuzz_router(
     context: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
@@ -222,13 +234,7 @@ def fuzz_router(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
 
-    @settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzz_settings(examples)
     @given(strategy)
     def one(frames: list[bytes]) -> None:
         sock.send_multipart(frames)
