@@ -223,6 +223,10 @@ class FaultCluster:
         assert self.client is not None
         return scrape_metrics(self.client.ready["metrics"])
 
+    def mirror_metrics(self) -> dict[str, float]:
+        assert self.mirror is not None
+        return scrape_metrics(self.mirror.ready["metrics"])
+
     def scrape_pageserver(self, name: str) -> dict[str, float]:
         return scrape_metrics(self.pageservers[name].ready["metrics"])
 

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import zmq
 from remem_client.backend import BackendError
+from remem_client.mirror_link import MirrorLink
 from remem_client.readahead import read_ahead_of
 from remem_client.remote_backend import RemoteBackend, Replica
 from remem_client.sealing import open_page_sealer
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES, SLAB_PAGES
-from remem_common.testing import ServiceProcess
+from remem_common.testing import ServiceProcess, start_service
 
 from ..conftest import StartPageServer
 
@@ -292,3 +293,81 @@ async def test_a_read_never_sees_older_data_than_a_write_acknowledged_before_it(
     results = await asyncio.gather(writer(), reader(0), reader(256))
     assert min(results[1:]) > 0
     assert backend.read_ahead.hits > 0
+
+
+@pytest.fixture
+async def mirrored(
+    start_pageserver: StartPageServer, tmp_path: Path
+) -> AsyncIterator[tuple[RemoteBackend, MirrorLink]]:
+    """A backend over two page servers and a real `remem mirror` process (new: incomplete)."""
+    servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(2)]
+    mirror = start_service(
+        "mirror",
+        ["mirror", "--listen", "tcp://127.0.0.1:0", "--metrics-port", "0", "--insecure",
+         "--path", str(tmp_path / "mirror.img"), "--size", str(SIZE)],
+    )  # fmt: skip
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    link = MirrorLink(mirror.ready["endpoint"], context=context, cache_bytes=4 << 20, timeout=10)
+    backend = RemoteBackend(
+        size=SIZE,
+        tenant="t",
+        volume=0,
+        placement=FixedPlacement(servers, replicas=2),
+        context=context,
+        replica_timeout=1.0,
+        sealer=open_page_sealer(tmp_path / "page.key", tenant="t", volume=0),
+        mirror=link,
+    )
+    assert not (await link.attach()).complete
+    yield backend, link
+    await backend.close()
+    context.destroy(linger=0)
+    assert mirror.stop() == 0
+
+
+async def test_a_mirror_rebuilt_under_racing_writes_ends_equal_to_the_replicas(mirrored) -> None:
+    """Writers keep rewriting pages while the rebuild copies the device to the mirror: a run
+    read from the replicas before a write landed must not reach the mirror after that
+    write's own copy. At the end the mirror holds exactly what the replicas hold."""
+    backend, link = mirrored
+    region = 3 * 256  # three rebuild runs of slab 0, and a run of slab 1 below
+    await backend.pwrite(0, memoryview(versioned(0, region, 1)), False)
+    await backend.pwrite(SLAB_BYTES, memoryview(versioned(SLAB_PAGES, 256, 1)), False)
+    assert link.incomplete
+    rng = np.random.default_rng(3)
+    rebuilt = asyncio.Event()
+
+    async def writer() -> int:
+        # Aimed at the run the rebuild is copying (where a race can leave a stale page),
+        # with pauses so that its reads also get through.
+        writes = 0
+        version = 2
+        while not rebuilt.is_set():
+            run = backend._rebuilding
+            low, high = (0, region) if run is None or run[0] >= region else run[:2]
+            first = int(rng.integers(low, min(high, region) - 2))
+            count = int(rng.choice([1, 2]))
+            await backend.pwrite(
+                first * PAGE_SIZE, memoryview(versioned(first, count, version)), False
+            )
+            version += 1
+            writes += 1
+            await asyncio.sleep(0.002)
+        return writes
+
+    async def rebuild() -> None:
+        while not await backend.rebuild_mirror():
+            await asyncio.sleep(0)  # gave up a round (a run kept changing): go on
+        rebuilt.set()
+
+    _, *writes = await asyncio.gather(rebuild(), writer(), writer())
+    assert min(writes) > 0
+    assert not link.incomplete
+    assert backend.stats.pages_rebuilt >= region + 256
+    await link.barrier()  # the mirror applied every write sent so far
+    for first, count in [(0, region), (SLAB_PAGES, 256)]:
+        expected = bytes(await backend.pread(first * PAGE_SIZE, count * PAGE_SIZE))
+        on_mirror = (await link.read(first, count)).tobytes()
+        stale = np.flatnonzero(versions_of(on_mirror, first) != versions_of(expected, first))
+        assert not stale.size, f"mirror pages {stale[:8] + first} differ from the replicas"
+    assert (await link.read(2 * SLAB_PAGES, 256)).tobytes() == bytes(256 * PAGE_SIZE)

@@ -48,7 +48,9 @@ from remem_common.pageserver_client import PageServerClient, PageServerError
 from remem_common.placement_client import PlacementClient
 from remem_common.protocol.admin_placement import DrainServerRequest, GetStatusRequest
 from remem_common.protocol.client_mirror import (
+    AttachMirrorRequest,
     DescribeMirrorRequest,
+    DetachMirrorRequest,
     ListUnreplicatedRequest,
     MarkReplicatedRequest,
     ReadPagesRequest,
@@ -657,6 +659,8 @@ MIRROR_SAMPLES: list[Sample] = [
     sample(MarkReplicatedRequest(msg_id=4, first_page=10, count=2)),
     sample(ListUnreplicatedRequest(msg_id=5)),
     sample(DescribeMirrorRequest(msg_id=6)),
+    sample(AttachMirrorRequest(msg_id=11)),
+    sample(DetachMirrorRequest(msg_id=12)),
     # oversized: 257 pages where 256 is the most
     sample(WritePagesRequest(msg_id=7, first_page=0, count=256), pages_of(257, 32)),
     # past the end of the mirror

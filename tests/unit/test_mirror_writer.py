@@ -15,8 +15,12 @@ from remem_common.framing import decode, encode
 from remem_common.protocol.client_mirror import (
     MIRROR_REPLY_ADAPTER,
     MIRROR_REQUEST_ADAPTER,
+    AttachMirrorReply,
+    AttachMirrorRequest,
     DescribeMirrorReply,
     DescribeMirrorRequest,
+    DetachMirrorReply,
+    DetachMirrorRequest,
     ListUnreplicatedReply,
     ListUnreplicatedRequest,
     MarkReplicatedReply,
@@ -41,6 +45,8 @@ ROUTING = [b"peer"]
 
 REQUESTS = [
     DescribeMirrorRequest(msg_id=1),
+    AttachMirrorRequest(msg_id=9),
+    DetachMirrorRequest(msg_id=10),
     WritePagesRequest(msg_id=2, first_page=3, count=256, replicated=False, sync=True),
     WriteExtentsRequest(msg_id=8, extents=3, count=1024),
     ReadPagesRequest(msg_id=3, first_page=0, count=1),
@@ -52,6 +58,16 @@ REPLIES = [
     DescribeMirrorReply(
         msg_id=0, parent_id=1, page_count=9, path="/x", direct_io=True, unreplicated_pages=2
     ),
+    AttachMirrorReply(
+        msg_id=0,
+        parent_id=9,
+        page_count=9,
+        path="/x",
+        direct_io=False,
+        unreplicated_pages=0,
+        complete=True,
+    ),
+    DetachMirrorReply(msg_id=0, parent_id=10),
     WritePagesReply(msg_id=0, parent_id=2, written=256),
     ReadPagesReply(msg_id=0, parent_id=3, count=1),
     TrimPagesReply(msg_id=0, parent_id=4),
@@ -123,6 +139,42 @@ def test_documented_version_matches_code() -> None:
     documented = re.search(r"protocol version (\d+)", doc)
     assert documented is not None and int(documented.group(1)) == PROTOCOL_VERSION
     assert set(client_mirror.PAYLOAD_FRAMES) == {m.type for m in REQUESTS}
+
+
+def test_attach_reports_a_clean_end_only_after_a_detach(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    # A new mirror is not complete (its client's replicas may hold anything); a session
+    # that ended with a detach is; one that did not (a crash of either side) is not.
+    metrics = MirrorMetrics(registry)
+
+    def attach(writer: MirrorWriter) -> bool:
+        ((reply, _),) = replies_of(writer.execute([op(AttachMirrorRequest(msg_id=1))]))
+        assert isinstance(reply, AttachMirrorReply)
+        return reply.complete
+
+    def reopen() -> MirrorWriter:
+        return MirrorWriter(MirrorStore(tmp_path / "m.img", PAGES, tmp_path / "m.meta"), metrics)
+
+    writer = reopen()
+    assert not attach(writer)
+    written = pages_of(4, seed=1)
+    replies = replies_of(writer.execute([write_op(0, written), op(DetachMirrorRequest(msg_id=2))]))
+    assert [type(reply) for reply, _ in replies] == [WritePagesReply, DetachMirrorReply]
+    assert writer.store.clean
+    writer.store.close()
+
+    writer = reopen()  # the mirror restarted after a clean detach
+    assert attach(writer)
+    assert not writer.store.clean  # a session is open: a crash now leaves it not clean
+    writer.store.close()  # the mirror stops (or is killed) with the session still open
+
+    writer = reopen()
+    assert not attach(writer)
+    assert writer.store.read(0, 4) == written.tobytes()
+    writer.store.close()
+    assert value(registry, "mirror_requests_total", op="attach", result="ok") == 3
+    assert value(registry, "mirror_requests_total", op="detach", result="ok") == 1
 
 
 def test_adjacent_queued_writes_share_one_syscall(

@@ -16,11 +16,17 @@ disk (fdatasync'd) and has recorded them as unreplicated.
 The mirror executes one connection's requests in order, so a read sees every write sent
 before it; the cache overlay (oldest to newest) adds the writes that are still in flight.
 
-If the mirror stops answering (a timeout), everything in flight fails, the cache is
-released (the replicas still hold those pages) and the link is marked `incomplete`: the
-mirror has missed writes, so its copy must not serve page-ins any more (a stale page is
-worse than an error). The link tries the mirror again after a back-off and keeps sending
-later writes to it, but stays incomplete.
+The mirror is trusted to serve page-ins only while it is known to hold every acknowledged
+write (`serves_reads`). At start the link attaches: the mirror says whether the last session
+ended cleanly (`detach` after every write). If not (the client or the mirror crashed, or the
+mirror file is new), the link starts `incomplete` and the backend rebuilds the mirror from
+the replicas. If the mirror stops answering (a timeout) while writes or trims were in flight,
+everything in flight fails, the cache is released (the replicas still hold those pages) and
+the link becomes `incomplete` too: the mirror has missed writes, and a stale page is worse
+than an error. The link tries the mirror again after a back-off and keeps sending later
+writes to it; the backend's rebuild makes it complete again. Pages written durably while the
+network was down (`write_durable`) stay readable from an incomplete mirror: it alone holds
+them, and it confirmed each of them on disk.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from remem_common.protocol.client_mirror import (
     MAX_MIRROR_BATCH_PAGES,
     MAX_MIRROR_PAGES,
     MIRROR_REPLY_ADAPTER,
-    DescribeMirrorReply,
+    AttachMirrorReply,
+    AttachMirrorRequest,
     DescribeMirrorRequest,
+    DetachMirrorRequest,
     ListUnreplicatedReply,
     ListUnreplicatedRequest,
     MarkReplicatedRequest,
@@ -67,6 +75,9 @@ RETRY_AFTER = 2.0
 # DEALER's queue and the mirror's reply queue (ZeroMQ high-water marks, 1000 by default)
 # from ever filling, where a send would fail or a reply be dropped.
 MAX_IN_FLIGHT = 512
+# Seconds a stopping client waits for the mirror to confirm the detach (shutdown must not
+# hang on a mirror that is gone; it is then rebuilt at the next start).
+DETACH_TIMEOUT = 2.0
 # Write-behind batches in flight at most; page-outs gather meanwhile. Two keep the mirror's
 # disk busy with one batch while the next travels.
 WRITE_WINDOW = 2
@@ -116,8 +127,13 @@ class MirrorLink:
         self._room.set()
         # False after a timeout, until the mirror answers again.
         self.up = True
-        # The mirror missed writes (it timed out with writes in flight): it must not serve.
-        self.incomplete = False
+        # The mirror may miss acknowledged writes: unknown until attached, a session that did
+        # not end cleanly, or a timeout with writes in flight. It must not serve page-ins
+        # (but its mirror-only pages) until rebuilt.
+        self.incomplete = True
+        # Times the mirror was lost or failed a write: a rebuild that saw this change while it
+        # ran cannot vouch for the mirror.
+        self.losses = 0
         self._down_since = 0.0
         self.written_bytes = 0
         self.pages_read = 0
@@ -203,17 +219,38 @@ class MirrorLink:
             raise MirrorFailure("the mirror is not answering")
         return await self._send(msg, *payload)
 
-    async def describe(self) -> DescribeMirrorReply:
-        reply = await self._call(DescribeMirrorRequest(msg_id=next(self._ids)))
-        assert isinstance(reply, DescribeMirrorReply)
+    async def attach(self) -> AttachMirrorReply:
+        """Start the session; the link is complete if the mirror's last session ended
+        cleanly."""
+        reply = await self._call(AttachMirrorRequest(msg_id=next(self._ids)))
+        assert isinstance(reply, AttachMirrorReply)
+        self.incomplete = not reply.complete
         return reply
+
+    async def detach(self) -> bool:
+        """End the session cleanly if the mirror holds every write; returns whether it did
+        (the mirror then trusts itself at the next attach)."""
+        if self.incomplete or self.closed or not self.up:
+            return False
+        detached = self._call(DetachMirrorRequest(msg_id=next(self._ids)))
+        try:
+            await asyncio.wait_for(detached, DETACH_TIMEOUT)
+        except TimeoutError:
+            raise MirrorFailure(f"no answer in {DETACH_TIMEOUT}s") from None
+        return not self.incomplete  # a write sent before the detach may have failed
+
+    async def barrier(self) -> None:
+        """Return once the mirror executed every request sent before (it runs them in
+        order): a describe, answered after them."""
+        await self._call(DescribeMirrorRequest(msg_id=next(self._ids)))
 
     async def list_unreplicated(self) -> tuple[ListUnreplicatedReply, bytes]:
         future = self._send(ListUnreplicatedRequest(msg_id=next(self._ids)))
         reply, payload = await future
         return reply, payload
 
-    async def _wait_for_room(self, nbytes: int) -> None:
+    async def wait_for_room(self, nbytes: int) -> None:
+        """Return once the write cache can take `nbytes` more and a request can be sent."""
         while (self.cache_bytes and self.cache_bytes + nbytes > self.cache_limit) or len(
             self._waiting
         ) >= MAX_IN_FLIGHT:
@@ -223,22 +260,30 @@ class MirrorLink:
     async def write_behind(self, first: int, pages: PageArray) -> None:
         """Queue pages for the mirror and return once they are in the write cache."""
         if not self.usable():
+            self._missed()
             return
         count = pages.shape[0]
         for start in range(0, count, MAX_MIRROR_PAGES):
             n = min(MAX_MIRROR_PAGES, count - start)
-            await self._wait_for_room(n * PAGE_SIZE)
+            await self.wait_for_room(n * PAGE_SIZE)
             if not self.up:
+                self._missed()
                 return
-            entry = self._cached(first + start, n, pages[start : start + n].tobytes())
-            self._gathered.append(entry)
-            self._gathered_pages += n
-            if self._gathered_pages + MAX_MIRROR_PAGES > MAX_MIRROR_BATCH_PAGES:
-                self._send_gathered()  # the next page-out might not fit
-            elif not self._flush_due and len(self._behind_in_flight) < WRITE_WINDOW:
-                # Send at the end of this loop turn, with the page-outs made in it.
-                self._flush_due = True
-                self._loop.call_soon(self._flush_gathered)
+            self.queue_write(first + start, pages[start : start + n].tobytes())
+
+    def queue_write(self, first: int, data: bytes) -> None:
+        """Gather a run of at most MAX_MIRROR_PAGES pages for the next write request, now
+        (no wait: ordered before any later request; the caller made room)."""
+        n = len(data) // PAGE_SIZE
+        assert 1 <= n <= MAX_MIRROR_PAGES and self.up
+        self._gathered.append(self._cached(first, n, data))
+        self._gathered_pages += n
+        if self._gathered_pages + MAX_MIRROR_PAGES > MAX_MIRROR_BATCH_PAGES:
+            self._send_gathered()  # the next page-out might not fit
+        elif not self._flush_due and len(self._behind_in_flight) < WRITE_WINDOW:
+            # Send at the end of this loop turn, with the page-outs made in it.
+            self._flush_due = True
+            self._loop.call_soon(self._flush_gathered)
 
     def _cached(self, first: int, count: int, data: bytes) -> int:
         """Put a write's pages in the write cache; returns their entry id."""
@@ -275,9 +320,11 @@ class MirrorLink:
         future.add_done_callback(consume_outcome)
 
     async def write_durable(self, first: int, pages: PageArray) -> None:
-        """Write pages as mirror-only (unreplicated), returning once they are on disk."""
-        if self.incomplete or not self.usable():
-            raise MirrorFailure("the mirror is not answering or missed writes")
+        """Write pages as mirror-only (unreplicated), returning once they are on disk.
+
+        Allowed on an incomplete mirror: these pages are read from it alone afterwards."""
+        if not self.usable():
+            raise MirrorFailure("the mirror is not answering")
         count = pages.shape[0]
         futures = []
         for start in range(0, count, MAX_MIRROR_PAGES):
@@ -295,9 +342,12 @@ class MirrorLink:
         for future in futures:
             await future
 
-    async def read(self, first: int, count: int) -> PageArray:
-        """Pages [first, first + count) as the mirror and the write cache hold them."""
-        if not self.serves_reads:
+    async def read(self, first: int, count: int, *, mirror_only: bool = False) -> PageArray:
+        """Pages [first, first + count) as the mirror and the write cache hold them.
+
+        `mirror_only`: the caller keeps only pages the mirror alone holds (written durably),
+        which an incomplete mirror may serve too."""
+        if self.closed or not self.up or (self.incomplete and not mirror_only):
             raise MirrorFailure("the mirror is down or missed writes")
         out = np.empty((count, PAGE_SIZE), dtype=np.uint8)
         futures = []
@@ -321,15 +371,19 @@ class MirrorLink:
     def trim(self, first: int, count: int) -> None:
         """Make the pages read as zeros on the mirror (ordered after earlier writes)."""
         if not self.usable():
+            self._missed()
             return
         # Cached writes of these pages must not be overlaid on later reads.
         self._forget_cached(first, count)
+        msg = TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count)
         try:
-            self._send(TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count))
+            self._send(msg).add_done_callback(consume_outcome)
         except MirrorFailure as exc:
             self._lost(str(exc))
             return
-        # Nobody awaits a trim; a failure shows as a timeout of the link.
+        # Nobody awaits a trim; a failure shows as a timeout of the link, which knows a
+        # change was in flight (carried).
+        self._carried[msg.msg_id] = []
 
     async def mark_replicated(self, first: int, count: int) -> None:
         """Tell the mirror the pages are on their replicas again (after a resync)."""
@@ -392,6 +446,7 @@ class MirrorLink:
             if carried is not None:
                 # A write the mirror could not store: its copy is no longer complete.
                 self.incomplete = True
+                self.losses += 1
             future.set_exception(MirrorFailure(f"{reply.error_code}: {reply.detail}"))
         elif isinstance(reply, ReadPagesReply | ListUnreplicatedReply):
             if len(payload) != 1:
@@ -411,10 +466,16 @@ class MirrorLink:
             return
         self._lost(f"no answer in {self.timeout}s")
 
+    def _missed(self) -> None:
+        """A write or trim was not sent (the mirror is down): its copy is not complete."""
+        self.incomplete = True
+        self.losses += 1
+
     def _lost(self, why: str) -> None:
         """The mirror stopped answering: fail what is in flight, free the cache."""
         self.failures += 1
-        if self._cache:
+        self.losses += 1
+        if self._cache or self._carried:  # writes or trims the mirror may not have applied
             self.incomplete = True
         if self.up:
             log.error("mirror lost endpoint=%s: %s", self.endpoint, why)

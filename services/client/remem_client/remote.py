@@ -111,6 +111,7 @@ class _RemoteCollector(Collector):
         pages_mirror.add_metric(["read"], stats.pages_read_mirror)
         pages_mirror.add_metric(["written_mirror_only"], stats.pages_written_mirror_only)
         pages_mirror.add_metric(["resynced"], stats.pages_resynced)
+        pages_mirror.add_metric(["rebuilt"], stats.pages_rebuilt)
         yield pages_mirror
         yield GaugeMetricFamily(
             "client_unreplicated_pages",
@@ -137,6 +138,11 @@ class _RemoteCollector(Collector):
                 "client_mirror_written_bytes",
                 "Page bytes the mirror confirmed on disk",
                 value=mirror.written_bytes,
+            )
+            yield CounterMetricFamily(
+                "client_mirror_rebuilds",
+                "Rebuilds of the mirror from the replicas that completed (it missed writes)",
+                value=stats.mirror_rebuilds,
             )
             yield CounterMetricFamily(
                 "client_mirror_failures",
@@ -234,6 +240,10 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
             await backend.close()
             raise StartupError(str(exc)) from exc
     await placement.start(backend)
+    if mirror is not None and mirror.incomplete and not backend.written_anywhere():
+        # Nothing to copy (a new volume): trims only, done before serving, so a new client
+        # has a mirror that serves page-ins from its first write.
+        await backend.rebuild_mirror()
     backend.start_resync()
     registry.register(_RemoteCollector(backend, placement))
     return backend
@@ -244,12 +254,14 @@ class MirrorMismatch(Exception):
 
 
 async def _adopt_mirror(mirror: MirrorLink, backend: RemoteBackend, config: ClientConfig) -> None:
-    """Check the mirror fits the device and take over its mirror-only pages (a restart)."""
+    """Attach to the mirror: check it fits the device and take over its mirror-only pages
+    (a restart). A mirror whose last session did not end cleanly is rebuilt from the
+    replicas (by the resync task) before it serves page-ins."""
     try:
-        described = await mirror.describe()
-        if described.page_count != backend.page_count:
+        attached = await mirror.attach()
+        if attached.page_count != backend.page_count:
             raise MirrorMismatch(
-                f"mirror {config.mirror} holds {described.page_count} pages, the device "
+                f"mirror {config.mirror} holds {attached.page_count} pages, the device "
                 f"has {backend.page_count}"
             )
         _reply, bitmap = await mirror.list_unreplicated()
@@ -257,9 +269,10 @@ async def _adopt_mirror(mirror: MirrorLink, backend: RemoteBackend, config: Clie
         raise MirrorMismatch(f"mirror {config.mirror} did not answer: {exc}") from exc
     pages = backend.mark_unreplicated(bitmap)
     log.info(
-        "mirror attached endpoint=%s path=%s direct_io=%s unreplicated_pages=%d",
+        "mirror attached endpoint=%s path=%s direct_io=%s unreplicated_pages=%d complete=%s",
         config.mirror,
-        described.path,
-        described.direct_io,
+        attached.path,
+        attached.direct_io,
         pages,
+        attached.complete,
     )

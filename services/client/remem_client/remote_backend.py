@@ -30,7 +30,9 @@ to the mirror alone, durably, and its pages are marked in a second bitmap, `unre
 (another 32 KiB per GiB, allocated at the first such write and freed once every page is
 resynced, so a healthy client spends nothing on it); such pages are read from the mirror
 until the resync task has copied them to their replicas. A read no replica can serve also
-falls back to the mirror.
+falls back to the mirror, if the mirror is known to hold every write; one that may have
+missed writes (a session that did not end cleanly, a timeout) is rebuilt from the replicas
+by the same task first (`rebuild_mirror`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any, Protocol
 import crc32c
 import numpy as np
 import zmq
+from remem_common.protocol.client_mirror import MAX_MIRROR_PAGES
 from remem_common.protocol.pages import (
     MAX_BATCH_PAGES,
     PAGE_SIZE,
@@ -70,6 +73,9 @@ from remem_client.readahead import Fetch, ReadAhead
 from remem_client.sealing import PageSealer, SealingError
 
 log = logging.getLogger("client.remote")
+# Times a mirror rebuild reads a run again, or waits, because writes of it were in flight,
+# before the round gives up (the next one resumes there).
+REBUILD_REREADS = 50
 # Reads of up to this many pages within one slab take the plain-Python fast path.
 FAST_PAGES = 64
 _PAIRS = [struct.Struct(f"<{2 * n}I") for n in range(FAST_PAGES + 1)]
@@ -150,6 +156,10 @@ class RemoteStats:
     pages_written_mirror_only: int = 0
     pages_resynced: int = 0
     resync_failures: int = 0
+    # Pages copied from the replicas to a mirror that may have missed writes, and rebuilds
+    # that completed (the mirror serves page-ins again).
+    pages_rebuilt: int = 0
+    mirror_rebuilds: int = 0
     # Pages whose checksum matched but whose AES-GCM tag did not: altered by or on the way
     # from a page server, or served for another address.
     auth_failures: int = 0
@@ -240,6 +250,15 @@ class RemoteBackend:
         self._resync_done = asyncio.Event()
         self._resync_interval = resync_interval
         self._resync_task: asyncio.Task[None] | None = None
+        # Writes, trims and zeroings in flight (token -> first page, end page), and the run a
+        # mirror rebuild is copying: [first, end, a change of it started] (see _rebuild_run).
+        self._changes: dict[int, tuple[int, int]] = {}
+        self._change_tokens = itertools.count()
+        self._change_ended = asyncio.Event()
+        self._rebuilding: list[Any] | None = None
+        # Where the next rebuild round starts, and the mirror's losses it started after.
+        self._rebuild_cursor = 0
+        self._rebuild_losses = -1
         # The last replica write failed and went to the mirror alone (for the mode metric).
         self.network_down = False
         # Pages fetched ahead of sequential reads (None: off), and the fetches on their way.
@@ -302,6 +321,10 @@ class RemoteBackend:
         self._written[: theirs.shape[0]] |= theirs
         self.unreplicated_pages = int(np.unpackbits(self._unreplicated).sum())
         return self.unreplicated_pages
+
+    def written_anywhere(self) -> bool:
+        """Some page may be written (marked, or in a slab adopted with unknown contents)."""
+        return bool(self._maybe_written(0, self.page_count).any())
 
     def written_pages(self) -> int:
         return int(np.unpackbits(self._written).sum())
@@ -634,6 +657,8 @@ class RemoteBackend:
         """Pages [first, first + count) from wherever the newest copy is: the replicas, or
         the mirror for mirror-only pages and when no replica answers."""
         if self.mirror is not None and self._any_unreplicated(first, count):
+            if self.mirror.incomplete:
+                return await self._load_mixed(first, count)
             return await self._read_local(first, count)
         try:
             return await self._read_pages(first, count)
@@ -643,11 +668,23 @@ class RemoteBackend:
             log.warning("no replica served pages %d+%d (%s); reading the mirror", first, count, exc)
             return await self._read_local(first, count)
 
-    async def _read_local(self, first: int, count: int) -> PageArray:
-        """Pages from the mirror and its write cache; pages never written read as zeros."""
+    async def _load_mixed(self, first: int, count: int) -> PageArray:
+        """Mirror-only pages from a mirror that may have missed other writes, the rest of
+        the run from the replicas."""
+        assert self._unreplicated is not None
+        mine = _bits_of(self._unreplicated, first, count)
+        rows = await self._read_pages(first, count)
+        if not rows.flags.writeable:
+            rows = rows.copy()
+        rows[mine] = (await self._read_local(first, count, mirror_only=True))[mine]
+        return rows
+
+    async def _read_local(self, first: int, count: int, *, mirror_only: bool = False) -> PageArray:
+        """Pages from the mirror and its write cache; pages never written read as zeros.
+        `mirror_only`: the caller keeps only mirror-only pages (see MirrorLink.read)."""
         assert self.mirror is not None
         try:
-            rows = await self.mirror.read(first, count)
+            rows = await self.mirror.read(first, count, mirror_only=mirror_only)
         except MirrorFailure as exc:
             raise BackendError(
                 errno.EIO, f"pages {first}+{count}: no replica and no mirror: {exc}"
@@ -884,11 +921,19 @@ class RemoteBackend:
     async def _changing(self, offset: int, length: int, change: Awaitable[None]) -> None:
         """Run a write, trim or zeroing of [offset, offset + length), its pages dropped from
         the read-ahead ring before and after: a fetch ahead that read the replicas while the
-        change was landing is not kept (see readahead)."""
+        change was landing is not kept (see readahead). A mirror rebuild sees it too."""
         self._forget_ahead(offset, length)
+        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        token = next(self._change_tokens)
+        self._changes[token] = (first, end)
+        run = self._rebuilding
+        if run is not None and first < run[1] and run[0] < end:
+            run[2] = True
         try:
             await change
         finally:
+            del self._changes[token]
+            self._change_ended.set()
             self._forget_ahead(offset, length)
 
     async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -1198,10 +1243,17 @@ class RemoteBackend:
         while True:
             # A timer, not a wait for an event: resync polls whether replicas are back.
             await asyncio.sleep(self._resync_interval)
-            if not self.unreplicated_pages:
-                continue
             try:
-                await self.resync_once()
+                if self.unreplicated_pages:
+                    await self.resync_once()
+                mirror = self.mirror
+                if (
+                    mirror is not None
+                    and mirror.incomplete
+                    and not self.network_down
+                    and mirror.usable()
+                ):
+                    await self.rebuild_mirror()
             except Exception:  # the task must outlive any one failure
                 log.exception("resync round failed")
 
@@ -1236,7 +1288,7 @@ class RemoteBackend:
         # replica write would be overwritten by the older data we copy.
         self._resync_busy.add(slab)
         try:
-            rows = await self._read_local(first, count)
+            rows = await self._read_local(first, count, mirror_only=True)
             # Only pages still mirror-only: a write since may have replicated some.
             if self._unreplicated is None:
                 return True  # a write since replicated every page
@@ -1258,12 +1310,124 @@ class RemoteBackend:
         self.network_down = False
         return True
 
+    # -- mirror rebuild --------------------------------------------------------------------
+
+    async def rebuild_mirror(self) -> bool:
+        """Copy the device from the replicas to a mirror that may have missed writes, then
+        trust it again; returns whether it is complete.
+
+        Slab by slab: a slab with no written page is one trim, the others are read in runs of
+        MAX_MIRROR_PAGES and written to the mirror (runs of zeros trimmed). Pages the mirror
+        alone holds (unreplicated) are left as they are. Writes go on meanwhile: each run is
+        sent to the mirror only if no change of its pages was in flight or started while it
+        was read, and before any later change's write-behind (the mirror applies requests in
+        order). If the replicas or the mirror fail, the round stops; the next one (the resync
+        task's) goes on from there, or starts over if the mirror lost writes meanwhile."""
+        mirror = self.mirror
+        assert mirror is not None
+        if not mirror.incomplete:
+            return True
+        if mirror.losses != self._rebuild_losses:
+            self._rebuild_cursor, self._rebuild_losses = 0, mirror.losses
+            log.warning("rebuilding the mirror from the replicas (it may have missed writes)")
+        started = time.monotonic()
+        while self._rebuild_cursor < self.page_count:
+            first = self._rebuild_cursor
+            slab_end = min((first // SLAB_PAGES + 1) * SLAB_PAGES, self.page_count)
+            if self._maybe_written(first, slab_end - first).any():
+                count = min(MAX_MIRROR_PAGES, slab_end - first)
+            else:
+                count = slab_end - first
+            copied = await self._rebuild_run(first, count)
+            if copied is None or mirror.losses != self._rebuild_losses:
+                return False
+            self.stats.pages_rebuilt += copied
+            self._rebuild_cursor = first + count
+        try:
+            await mirror.barrier()  # every run sent is on the mirror's disk
+        except MirrorFailure:
+            return False
+        if mirror.losses != self._rebuild_losses:
+            return False
+        mirror.incomplete = False
+        self.stats.mirror_rebuilds += 1
+        self._rebuild_cursor, self._rebuild_losses = 0, -1
+        log.info(
+            "mirror rebuilt: it holds every page again (last round %.1f s)",
+            time.monotonic() - started,
+        )
+        return True
+
+    async def _rebuild_run(self, first: int, count: int) -> int | None:
+        """Copy pages [first, first + count) of one slab from the replicas to the mirror;
+        returns the pages written (not trimmed), or None to stop the round."""
+        mirror = self.mirror
+        assert mirror is not None
+        run: list[Any] = [first, first + count, False]
+        self._rebuilding = run
+        try:
+            rereads = 0
+            while rereads < REBUILD_REREADS:
+                if any(f < run[1] and run[0] < e for f, e in self._changes.values()):
+                    # It started before we looked and may land after our read: wait.
+                    rereads += 1
+                    self._change_ended.clear()
+                    await self._change_ended.wait()
+                    continue
+                run[2] = False
+                written = self._maybe_written(first, count)
+                rows = await self._read_pages(first, count) if written.any() else None
+                await mirror.wait_for_room(0 if rows is None else count * PAGE_SIZE)
+                if run[2]:
+                    rereads += 1  # a change started meanwhile: what we read may be older
+                    continue
+                if not mirror.up:
+                    return None
+                return self._send_rebuilt(first, count, rows)  # no await since the check
+            log.info("mirror rebuild: pages %d+%d keep changing; trying later", first, count)
+            return None
+        except BackendError as exc:
+            log.info("mirror rebuild: pages %d+%d unreadable (%s); trying later", first, count, exc)
+            return None
+        finally:
+            self._rebuilding = None
+
+    def _send_rebuilt(self, first: int, count: int, rows: PageArray | None) -> int:
+        mirror = self.mirror
+        assert mirror is not None
+        if self._unreplicated is None:
+            copy = [(first, count)]
+        else:
+            keep = ~_bits_of(self._unreplicated, first, count)  # mirror-only pages stay
+            copy = _runs(np.flatnonzero(keep) + first)
+        written = 0
+        for run_first, run_count in copy:
+            if rows is None:
+                mirror.trim(run_first, run_count)
+                continue
+            part = rows[run_first - first : run_first - first + run_count]
+            if part.any():
+                mirror.queue_write(run_first, part.tobytes())
+                written += run_count
+            else:
+                mirror.trim(run_first, run_count)
+        return written
+
     async def close(self) -> None:
         if self._resync_task is not None:
             self._resync_task.cancel()
         for task in list(self._fetching):  # guesses: nobody waits for them but readers
             task.cancel()
         if self.mirror is not None:
+            try:
+                if await self.mirror.detach():
+                    log.info("mirror detached: it holds every write")
+                else:
+                    log.warning("mirror left incomplete: the next start rebuilds it")
+            except MirrorFailure as exc:
+                log.warning(
+                    "mirror did not confirm the detach (%s): the next start rebuilds it", exc
+                )
             self.mirror.close()
         for link in self._links.values():
             link.close()

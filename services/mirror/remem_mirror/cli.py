@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             unreplicated_pages=lambda: store.unreplicated_pages,
             page_count=lambda: store.page_count,
             direct_io=lambda: store.direct_io,
+            clean=lambda: store.clean,
         )
     )
     try:
@@ -106,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info(
         "ready endpoint=%s metrics=%s path=%s page_count=%d direct_io=%s unreplicated_pages=%d "
-        "curve=%s",
+        "clean=%s curve=%s",
         endpoint,
         metrics_url,
         config.path,
         store.page_count,
         "on" if store.direct_io else "off",
         store.unreplicated_pages,
+        store.clean,
         "on" if security.enabled else "off",
     )
     started = time.monotonic()

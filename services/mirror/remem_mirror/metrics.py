@@ -11,7 +11,16 @@ from prometheus_client.registry import Collector
 from remem_common.protocol.envelope import MALFORMED_REASONS
 from remem_common.security import AuthMetrics
 
-OPS = ("describe", "write", "read", "trim", "mark_replicated", "list_unreplicated")
+OPS = (
+    "describe",
+    "attach",
+    "detach",
+    "write",
+    "read",
+    "trim",
+    "mark_replicated",
+    "list_unreplicated",
+)
 RESULTS = ("ok", "error")
 # An O_DIRECT write of a few pages or an fdatasync on an SSD takes tens to hundreds of
 # microseconds; the library's default buckets start at 5 ms.
@@ -30,6 +39,7 @@ class MirrorGauges:
     unreplicated_pages: Callable[[], int]
     page_count: Callable[[], int]
     direct_io: Callable[[], bool]
+    clean: Callable[[], bool]
 
 
 class _StateCollector(Collector):
@@ -55,6 +65,11 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "mirror_pages", "Pages of the mirrored device", value=g.page_count()
+        )
+        yield GaugeMetricFamily(
+            "mirror_clean",
+            "1 if the last client session ended cleanly and none is open (see attach_mirror)",
+            value=1.0 if g.clean() else 0.0,
         )
         yield GaugeMetricFamily(
             "mirror_direct_io",

@@ -37,8 +37,12 @@ from remem_common.framing import decode, encode, split_routing
 from remem_common.protocol.client_mirror import (
     MIRROR_REQUEST_ADAPTER,
     PAYLOAD_FRAMES,
+    AttachMirrorReply,
+    AttachMirrorRequest,
     DescribeMirrorReply,
     DescribeMirrorRequest,
+    DetachMirrorReply,
+    DetachMirrorRequest,
     ListUnreplicatedReply,
     ListUnreplicatedRequest,
     MarkReplicatedReply,
@@ -75,6 +79,8 @@ Frames = list[Any]
 
 OP_OF = {
     "describe_mirror_request": "describe",
+    "attach_mirror_request": "attach",
+    "detach_mirror_request": "detach",
     "write_pages_request": "write",
     "write_extents_request": "write",
     "read_pages_request": "read",
@@ -232,6 +238,8 @@ class MirrorWriter:
         self.metrics = metrics
         self._handlers: dict[str, Callable[[Any], Frames]] = {
             "describe_mirror_request": self._describe,
+            "attach_mirror_request": self._attach,
+            "detach_mirror_request": self._detach,
             "read_pages_request": self._read,
             "trim_pages_request": self._trim,
             "mark_replicated_request": self._mark_replicated,
@@ -364,6 +372,30 @@ class MirrorWriter:
                 unreplicated_pages=self.store.unreplicated_pages,
             )
         )
+
+    def _attach(self, msg: AttachMirrorRequest) -> Frames:
+        complete = self.store.open_session()
+        if not complete:
+            log.warning(
+                "client attached; the last session did not end cleanly (or the mirror is new): "
+                "it rebuilds the mirror from its replicas before trusting it"
+            )
+        return encode(
+            AttachMirrorReply(
+                msg_id=0,
+                parent_id=msg.msg_id,
+                page_count=self.store.page_count,
+                path=str(self.store.path),
+                direct_io=self.store.direct_io,
+                unreplicated_pages=self.store.unreplicated_pages,
+                complete=complete,
+            )
+        )
+
+    def _detach(self, msg: DetachMirrorRequest) -> Frames:
+        self.store.close_session()
+        log.info("client detached cleanly: the mirror holds every write")
+        return encode(DetachMirrorReply(msg_id=0, parent_id=msg.msg_id))
 
     def _read(self, msg: ReadPagesRequest) -> Frames:
         data = self.store.read(msg.first_page, msg.count)

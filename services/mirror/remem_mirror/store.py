@@ -16,7 +16,10 @@ Bitmap (`meta_path`): which pages are held by the mirror only ("unreplicated": w
 no replica could be reached), one bit per page, little-endian bit order (bit i is bit i % 8 of
 byte i // 8), the layout `list_unreplicated_reply` sends::
 
-    offset 0      header (4 KiB): magic, format, page size, page count
+    offset 0      header (4 KiB): magic, format, page size, page count, then (offset 24)
+                  a u32 `clean`: 1 if the last client session ended cleanly (the mirror
+                  held every write its client acknowledged), 0 while a session is open,
+                  after a crash of either side, and in a new or wiped mirror
     offset 4096   ceil(page_count / 8) bytes of bitmap, padded to whole pages
 
 The file is mapped shared, so a bit set here is in the kernel's page cache at once and
@@ -51,6 +54,7 @@ MAGIC = b"REMEMMR\x01"
 FORMAT_VERSION = 1
 META_HEADER = struct.Struct("<8sIIQ")  # magic, format, page size, page count
 META_HEADER_BYTES = 4096
+CLEAN = struct.Struct("<I")  # right after META_HEADER
 # The largest run of adjacent pages written in one syscall: the staging buffer's size (4 MiB).
 # Past a few MiB a bigger pwrite no longer gets faster, and the writer answers nothing of a
 # batch until its runs are on disk.
@@ -463,6 +467,29 @@ class MirrorStore:
         """One bool per page: held by the mirror only."""
         bits = np.unpackbits(self._bitmap, bitorder="little")[: self.page_count]
         return bits.astype(np.bool_)
+
+    # -- client sessions -------------------------------------------------------------------
+
+    @property
+    def clean(self) -> bool:
+        """The last client session ended cleanly and no session is open."""
+        return bool(CLEAN.unpack_from(self._meta, META_HEADER.size)[0] == 1)
+
+    def open_session(self) -> bool:
+        """A client attaches: returns whether the mirror was clean, then records a session
+        as open, durably, so that a crash of the client or of the mirror from now on leaves
+        it not clean."""
+        was_clean = self.clean
+        CLEAN.pack_into(self._meta, META_HEADER.size, 0)
+        self._meta.flush()
+        return was_clean
+
+    def close_session(self) -> None:
+        """The client detaches cleanly, every write it sent applied: sync them, then record
+        the mirror as clean (the data is on disk before the mark that vouches for it)."""
+        self.fdatasync()
+        CLEAN.pack_into(self._meta, META_HEADER.size, 1)
+        self._meta.flush()
 
     def bitmap_bytes(self) -> bytes:
         """The bitmap as `list_unreplicated_reply` sends it (ceil(page_count / 8) bytes)."""

@@ -22,6 +22,8 @@ Messages and their payload frames
 | request                     | payload frames          | reply                              |
 |-----------------------------|-------------------------|------------------------------------|
 | describe_mirror_request     | -                       | describe_mirror_reply              |
+| attach_mirror_request       | -                       | attach_mirror_reply                |
+| detach_mirror_request       | -                       | detach_mirror_reply                |
 | write_pages_request         | data (count x 4096)     | write_pages_reply                  |
 | write_extents_request       | extents, data           | write_pages_reply                  |
 | read_pages_request          | -                       | read_pages_reply + data            |
@@ -58,6 +60,16 @@ starting at `first_page` (1..MAX_MIRROR_PAGES pages, inside the mirror's `page_c
   the mirror only. A restarted client resyncs these.
 - `describe_mirror_request`: the device size and state, so the client can refuse a mirror
   of the wrong size.
+- `attach_mirror_request`: a client starts its session. The reply is a description plus
+  `complete`: whether the last session ended with a `detach_mirror_request`, i.e. whether the
+  mirror is known to hold every write its client acknowledged. A client that crashed, a
+  mirror that missed writes, or a new or `--forget`-wiped mirror file says false, and the
+  client then must not serve page-ins from it (except its mirror-only pages, which were
+  written durably) until it has rebuilt it from the replicas. Before the reply, the mirror
+  durably records the session as open (so `complete` is false after any crash from now on).
+- `detach_mirror_request`: the client's session ends cleanly and every write it sent before
+  reached the mirror. The mirror fdatasyncs and durably records that it is complete. A client
+  whose mirror missed writes does not send it.
 
 Errors: `error_reply` with `malformed` (bad frames, counts, a range past the end, a data
 frame whose length is not `count x 4096`), `unknown_type`, `unsupported_version`,
@@ -96,6 +108,27 @@ class DescribeMirrorReply(Reply):
     path: str
     direct_io: bool
     unreplicated_pages: int = Field(ge=0)
+
+
+class AttachMirrorRequest(Request):
+    type: Literal["attach_mirror_request"] = "attach_mirror_request"
+
+
+class AttachMirrorReply(Reply):
+    type: Literal["attach_mirror_reply"] = "attach_mirror_reply"
+    page_count: int = Field(ge=0)
+    path: str
+    direct_io: bool
+    unreplicated_pages: int = Field(ge=0)
+    complete: bool
+
+
+class DetachMirrorRequest(Request):
+    type: Literal["detach_mirror_request"] = "detach_mirror_request"
+
+
+class DetachMirrorReply(Reply):
+    type: Literal["detach_mirror_reply"] = "detach_mirror_reply"
 
 
 class WritePagesRequest(Request):
@@ -169,6 +202,8 @@ class ListUnreplicatedReply(Reply):
 
 MirrorRequest = Annotated[
     DescribeMirrorRequest
+    | AttachMirrorRequest
+    | DetachMirrorRequest
     | WritePagesRequest
     | WriteExtentsRequest
     | ReadPagesRequest
@@ -181,6 +216,8 @@ MIRROR_REQUEST_ADAPTER: TypeAdapter[MirrorRequest] = TypeAdapter(MirrorRequest)
 
 MirrorReply = Annotated[
     DescribeMirrorReply
+    | AttachMirrorReply
+    | DetachMirrorReply
     | WritePagesReply
     | ReadPagesReply
     | TrimPagesReply
@@ -194,6 +231,8 @@ MIRROR_REPLY_ADAPTER: TypeAdapter[MirrorReply] = TypeAdapter(MirrorReply)
 # Payload frames each request type carries (decode checks the count).
 PAYLOAD_FRAMES: dict[str, int] = {
     "describe_mirror_request": 0,
+    "attach_mirror_request": 0,
+    "detach_mirror_request": 0,
     "write_pages_request": 1,
     "write_extents_request": 2,
     "read_pages_request": 0,
