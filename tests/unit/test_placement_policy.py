@@ -8,6 +8,7 @@ from remem_placement.policy import (
     Drop,
     NoEligibleServer,
     PolicySettings,
+    Push,
     Rebuilding,
 )
 
@@ -60,6 +61,19 @@ def beat(cluster: Cluster, now: float, *, pressure: frozenset[str] = frozenset()
 
 
 FOUR = [("a1", "a", 1024, 0), ("b1", "b", 1024, 200), ("a2", "a", 1024, 100), ("c1", "c", 512, 0)]
+
+
+def planned(cluster: Cluster, now: float, wall: float) -> tuple[list[Push], list[Drop]]:
+    """`Cluster.plan`, every new push's target answering its clearing drop at once: the
+    pushes that may start, and the other drops."""
+    pushes, drops = cluster.plan(now, wall)
+    clears = [drop for drop in drops if drop.push_id]
+    for clear in clears:
+        assert clear.server_id == cluster.pushes[clear.push_id].target
+        assert cluster.cleared(clear.push_id, ok=True, now=now) == []
+    if clears:
+        pushes = pushes + cluster.plan(now, wall)[0]  # those nobody has to see the map of
+    return pushes, [drop for drop in drops if not drop.push_id]
 
 
 def test_most_free_first_and_one_per_zone() -> None:
@@ -125,12 +139,12 @@ def test_death_degrades_and_repair_pushes_from_a_survivor() -> None:
     assert dead == ["b1"]
     assert cluster.slabs[("t", 0, 0)].replicas == ["a1"]
     assert cluster.epoch > epoch
-    pushes, _ = cluster.plan(1.6, 102.0)
+    pushes, _ = planned(cluster, 1.6, 102.0)
     (push,) = pushes
     # Replacement: not zone a (a1 is there), so c1, although a2 has more free memory.
     assert (push.source, push.target, push.reason) == ("a1", "c1", "repair")
     assert cluster.view(("t", 0, 0)).filling == ["c1"]
-    assert cluster.plan(1.7, 102.0) == ([], [])  # one push per slab at a time
+    assert planned(cluster, 1.7, 102.0) == ([], [])  # one push per slab at a time
     assert cluster.push_finished(push.push_id, ok=True, copied_bytes=4096, now=1.8) == []
     view = cluster.view(("t", 0, 0))
     assert view.replicas == ["a1", "c1"] and view.filling == [] and not view.degraded
@@ -140,12 +154,12 @@ def test_failed_push_drops_the_partial_copy_and_retries_later() -> None:
     cluster = cluster_of(FOUR)
     cluster.allocate(("t", 0, 0), 1, now=0.0, wall=101.0)
     cluster.slabs[("t", 0, 0)].target = 2
-    (push,), _ = cluster.plan(0.1, 101.0)
+    (push,), _ = planned(cluster, 0.1, 101.0)
     drops = cluster.push_finished(push.push_id, ok=False, now=0.2)
     assert drops == [Drop(push.target, ("t", 0, 0))]
     assert cluster.view(("t", 0, 0)).filling == []
-    assert cluster.plan(0.5, 101.0) == ([], [])  # backing off
-    assert len(cluster.plan(1.3, 101.0)[0]) == 1
+    assert planned(cluster, 0.5, 101.0) == ([], [])  # backing off
+    assert len(planned(cluster, 1.3, 101.0)[0]) == 1
 
 
 def test_drain_copies_from_the_drained_server_then_drops_it() -> None:
@@ -153,7 +167,7 @@ def test_drain_copies_from_the_drained_server_then_drops_it() -> None:
     cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)  # a1, b1
     assert cluster.drain("b1") == 1
     assert "b1" not in cluster.choose(4)
-    (push,), _ = cluster.plan(0.1, 101.0)
+    (push,), _ = planned(cluster, 0.1, 101.0)
     assert (push.source, push.target, push.reason) == ("b1", "c1", "drain")
     # Until the copy is complete, b1 stays a readable replica.
     assert cluster.view(("t", 0, 0)).replicas == ["a1", "b1"]
@@ -168,7 +182,7 @@ def test_pressure_moves_slabs_off_and_stops_when_it_recovers() -> None:
     cluster.allocate(("t", 0, 0), 2, now=0.0, wall=101.0)
     cluster.allocate(("t", 0, 1), 2, now=0.0, wall=101.0)
     beat(cluster, 0.1, pressure=frozenset({"a1"}))
-    pushes, _ = cluster.plan(0.1, 101.0)
+    pushes, _ = planned(cluster, 0.1, 101.0)
     assert {p.reason for p in pushes} == {"pressure"} and all(p.target != "a1" for p in pushes)
     for push in pushes:
         cluster.push_finished(push.push_id, ok=True, now=0.2)
@@ -199,13 +213,13 @@ def test_restart_rebuilds_from_inventories_and_waits_for_the_grace_period() -> N
         cluster.allocate(("t", 0, 9), 2, now=0.5, wall=101.0)
     cluster.adopt_inventory("c1", [("t", 0, 0), ("t", 0, 1)], now=0.5)
     cluster.adopt_inventory("a1", [("t", 0, 0)], now=0.6)
-    assert cluster.plan(1.0, 101.0) == ([], [])  # nothing looks degraded yet
+    assert planned(cluster, 1.0, 101.0) == ([], [])  # nothing looks degraded yet
     assert cluster.allocate(("t", 0, 0), 2, now=1.0, wall=101.0).replicas == ["a1", "c1"]
     # A client re-announces a slab nobody wrote to yet; placement adopts its replicas.
     got = cluster.allocate(("t", 0, 7), 2, known=["b1", "a2"], now=1.0, wall=101.0)
     assert got.replicas == ["a2", "b1"]
     beat(cluster, 3.1)
-    pushes, _ = cluster.plan(3.1, 104.0)
+    pushes, _ = planned(cluster, 3.1, 104.0)
     assert [p.key for p in pushes] == [("t", 0, 1)]  # only the slab with one copy
 
 
@@ -258,20 +272,20 @@ def test_a_push_waits_until_clients_see_its_target() -> None:
     cluster = cluster_of(FOUR, settings)
     cluster.allocate(("t", 0, 0), 1, now=0.0, wall=101.0)
     cluster.slabs[("t", 0, 0)].target = 2
-    assert cluster.plan(0.1, 101.0) == ([], [])  # planned: the target is filling, not copied
+    assert planned(cluster, 0.1, 101.0) == ([], [])  # planned: the target is filling, not copied
     (push,) = cluster.pushes.values()
     assert cluster.view(("t", 0, 0)).filling == [push.target]
     cluster.map_applied("t", 1, push.epoch)  # another volume's client: no
     cluster.map_applied("t", 0, push.epoch - 1)  # a map from before the target: no
-    assert cluster.plan(0.2, 101.0) == ([], [])
+    assert planned(cluster, 0.2, 101.0) == ([], [])
     cluster.map_applied("t", 0, push.epoch)
-    assert cluster.plan(0.3, 101.0) == ([push], [])
+    assert planned(cluster, 0.3, 101.0) == ([push], [])
     # Nobody polls another volume: its push starts after map_settle anyway.
     cluster.allocate(("u", 0, 0), 1, now=0.0, wall=101.0)
     cluster.slabs[("u", 0, 0)].target = 2
-    assert cluster.plan(1.0, 101.0) == ([], [])
-    assert cluster.plan(5.9, 101.0) == ([], [])
-    assert [p.key for p in cluster.plan(6.1, 101.0)[0]] == [("u", 0, 0)]
+    assert planned(cluster, 1.0, 101.0) == ([], [])
+    assert planned(cluster, 5.9, 101.0) == ([], [])
+    assert [p.key for p in planned(cluster, 6.1, 101.0)[0]] == [("u", 0, 0)]
 
 
 def test_a_replica_that_missed_a_write_leaves_the_slab_and_is_replaced() -> None:
@@ -283,7 +297,7 @@ def test_a_replica_that_missed_a_write_leaves_the_slab_and_is_replaced() -> None
     assert cluster.slabs[key].replicas == ["a1"]
     assert key not in cluster.held_by("b1")
     assert cluster.epoch > epoch
-    (push,), _ = cluster.plan(0.2, 101.0)
+    (push,), _ = planned(cluster, 0.2, 101.0)
     assert push.source == "a1"
     # The last replica stays, stale or not: it is all there is.
     assert cluster.missed_write("a1", key, now=0.3) == [Drop(push.target, key)]
@@ -297,6 +311,40 @@ def test_a_push_target_that_missed_a_write_is_abandoned() -> None:
     key = ("t", 0, 0)
     cluster.allocate(key, 1, now=0.0, wall=101.0)
     cluster.slabs[key].target = 2
-    (push,), _ = cluster.plan(0.1, 101.0)
+    (push,), _ = planned(cluster, 0.1, 101.0)
     assert cluster.missed_write(push.target, key, now=0.2) == [Drop(push.target, key)]
     assert cluster.view(key).filling == [] and cluster.pushes == {}
+
+
+def test_a_push_target_clears_any_old_copy_before_it_is_listed_as_filling() -> None:
+    # The push never overwrites a page its target has: a page left from an earlier copy of
+    # the slab would be served stale once the target is a replica. So the target drops the
+    # slab first, and clients write to it only after it answered.
+    cluster = cluster_of(FOUR)
+    key = ("t", 0, 0)
+    cluster.allocate(key, 1, now=0.0, wall=101.0)
+    cluster.slabs[key].target = 2
+    epoch = cluster.epoch
+    pushes, drops = cluster.plan(0.1, 101.0)
+    assert pushes == []
+    (clear,) = drops
+    push = cluster.pushes[clear.push_id]
+    assert clear == Drop(push.target, key, push.push_id)
+    assert cluster.view(key).filling == [] and cluster.epoch == epoch
+    assert cluster.plan(0.2, 101.0) == ([], [])  # one push per slab: still clearing
+    assert cluster.cleared(push.push_id, ok=True, now=0.3) == []
+    assert cluster.view(key).filling == [push.target] and cluster.epoch > epoch
+    (started,), _ = cluster.plan(0.4, 101.0)  # map_settle 0: nobody has to see the map first
+    assert started.push_id == push.push_id and started.epoch == cluster.epoch
+    assert cluster.cleared(push.push_id, ok=True, now=0.5) == []  # a late duplicate: ignored
+
+    # A target that cannot clear (an error, a timeout): the push is abandoned, retried later.
+    other = ("t", 0, 1)
+    cluster.allocate(other, 1, now=0.0, wall=101.0)
+    cluster.slabs[other].target = 2
+    _, (clear,) = cluster.plan(0.6, 101.0)
+    target = clear.server_id
+    assert cluster.cleared(clear.push_id, ok=False, now=0.7) == [Drop(target, other)]
+    assert cluster.view(other).filling == [] and other not in cluster.held_by(target)
+    assert other not in cluster.pushing
+    assert cluster.plan(0.8, 101.0) == ([], [])  # backing off

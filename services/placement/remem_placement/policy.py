@@ -19,6 +19,10 @@ Rules, in one place:
   (clients write to them too, but do not read). A slab with fewer replicas than its target
   is degraded; a replica on a draining or pressured server is "leaving" and is replaced the
   same way, then dropped once enough staying replicas exist.
+- A push target first clears any copy of the slab it may still hold (an order to drop it),
+  and is listed as filling only once it answered: the push never overwrites a page the
+  target has (that page may be a newer client write), so an old page kept there would be
+  served stale once the target became a replica.
 - A dead server leaves every slab at once (a new epoch). A push that fails, or whose source
   or target dies, is abandoned and its target told to drop the partial copy, so that copy
   can never be mistaken for a replica later.
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from remem_common.protocol.admin_placement import ServerState
@@ -129,15 +133,19 @@ class Push:
     target: str
     reason: PushReason
     started: float
-    epoch: int  # the map epoch that first lists `target` as filling
+    epoch: int  # the map epoch that first lists `target` as filling (0 while clearing)
 
 
 @dataclass(frozen=True)
 class Drop:
-    """An order to `server_id`: forget slab `key` (moved away, or a stale/partial copy)."""
+    """An order to `server_id`: forget slab `key` (moved away, or a stale/partial copy).
+
+    With a `push_id`, the target of that push clears any old copy of the slab it may still
+    hold before it is listed as filling (the push waits for the answer, see `cleared`)."""
 
     server_id: str
     key: SlabKey
+    push_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,8 @@ class Cluster:
         self.changed: set[VolumeKey] = set()  # volumes whose map changed; server publishes
         self.pushes: dict[int, Push] = {}
         self.waiting: set[int] = set()  # planned, not yet ordered: clients must see the map
+        # Planned pushes whose target has not yet confirmed it holds no old copy of the slab.
+        self.clearing: set[int] = set()
         self.applied: dict[VolumeKey, int] = {}  # newest epoch a client of it said it applied
         self.pushing: dict[SlabKey, int] = {}
         self.pushes_done = 0
@@ -522,9 +532,28 @@ class Cluster:
         for _, key in wanted:
             if planned >= budget:
                 break
-            if self._plan_one(key, now, wall) is not None:
+            push = self._plan_one(key, now, wall)
+            if push is not None:
                 planned += 1
+                drops.append(Drop(push.target, key, push.push_id))
         return self._release(now), drops
+
+    def cleared(self, push_id: int, *, ok: bool, now: float) -> list[Drop]:
+        """The target of a planned push answered its clearing drop (or failed to): it now
+        holds nothing of the slab and is listed as filling. Only now, or a page it kept from
+        an earlier copy, which neither a client write nor the push (which never overwrites
+        a page the target has) would replace, could be served stale later. Returns drops."""
+        push = self.pushes.get(push_id)
+        if push is None or push_id not in self.clearing:
+            return []  # abandoned meanwhile
+        self.clearing.discard(push_id)
+        if not ok or not self._live(push.target):
+            return self._abandon(push, now)
+        self.slabs[push.key].filling.append(push.target)
+        self._touch(push.key)
+        self.pushes[push_id] = replace(push, epoch=self.epoch)
+        self.waiting.add(push_id)
+        return []
 
     def map_applied(self, tenant: str, volume: int, epoch: int) -> None:
         """A client of the volume polled with `since_epoch=epoch`: it applied that map."""
@@ -578,14 +607,13 @@ class Cluster:
         reason: PushReason = "repair"
         if len(slab.replicas) >= slab.target:
             reason = "drain" if any(self.servers[sid].draining for sid in leaving) else "pressure"
-        slab.filling.append(target)
         self._hold(target, key)
         self.servers[target].reservations.append(wall)
-        self._touch(key)
-        push = Push(next(self._push_ids), key, sources[0], target, reason, now, self.epoch)
+        # Listed as filling once the target cleared any old copy (`cleared`); epoch set then.
+        push = Push(next(self._push_ids), key, sources[0], target, reason, now, 0)
         self.pushes[push.push_id] = push
         self.pushing[key] = push.push_id
-        self.waiting.add(push.push_id)
+        self.clearing.add(push.push_id)
         return push
 
     def _abandon(self, push: Push, now: float) -> list[Drop]:
@@ -593,12 +621,13 @@ class Cluster:
         self.pushes.pop(push.push_id, None)
         self.pushing.pop(push.key, None)
         self.waiting.discard(push.push_id)
+        self.clearing.discard(push.push_id)
         self.pushes_failed += 1
         slab = self.slabs[push.key]
         slab.retry_at = now + self.settings.retry_after
+        self._unhold(push.target, push.key)  # held since planned (the target holds no copy)
         if push.target in slab.filling:
             slab.filling.remove(push.target)
-            self._unhold(push.target, push.key)
             self._touch(push.key)
         return [Drop(push.target, push.key)] if self._live(push.target) else []
 

@@ -150,7 +150,7 @@ class Link:
 
 @dataclass(frozen=True)
 class Pending:
-    kind: Literal["inventory", "drop", "push"]
+    kind: Literal["inventory", "drop", "clear", "push"]
     server_id: str
     sent: float
     push_id: int = 0
@@ -553,7 +553,7 @@ class PlacementServer:
                 target=p.target,
                 reason=p.reason,
                 seconds=max(0.0, now - p.started),
-                copying=p.push_id not in cluster.waiting,
+                copying=p.push_id not in cluster.waiting and p.push_id not in cluster.clearing,
             )
             for p in cluster.pushes.values()
         ]
@@ -639,12 +639,14 @@ class PlacementServer:
                 del self.pending[msg_id]
                 if pending.kind == "push":
                     self._push_failed(pending.push_id, "the source's link closed")
+                elif pending.kind == "clear":
+                    self._clear_failed(pending.push_id, "the target's link closed")
 
     def _send_order(
         self,
         server_id: str,
         msg: ListInventoryRequest | DropSlabRequest | PushSlabRequest,
-        kind: Literal["inventory", "drop", "push"],
+        kind: Literal["inventory", "drop", "clear", "push"],
         push_id: int = 0,
     ) -> bool:
         link = self._link(server_id)
@@ -664,17 +666,27 @@ class PlacementServer:
         for drop in drops:
             tenant, volume, slab = drop.key
             log.info(
-                "ordering drop server_id=%s tenant=%s volume=%d slab=%d",
+                "ordering %s server_id=%s tenant=%s volume=%d slab=%d",
+                "clear before a push" if drop.push_id else "drop",
                 drop.server_id,
                 tenant,
                 volume,
                 slab,
             )
-            self._send_order(
+            sent = self._send_order(
                 drop.server_id,
                 DropSlabRequest(msg_id=self._next_id(), tenant=tenant, volume=volume, slab=slab),
-                "drop",
+                "clear" if drop.push_id else "drop",
+                drop.push_id,
             )
+            if drop.push_id and not sent:
+                self._clear_failed(drop.push_id, "could not send the order")
+
+    def _clear_failed(self, push_id: int, why: str) -> None:
+        push = self.cluster.pushes.get(push_id)
+        if push is not None:
+            log.warning("push target %s could not clear slab %s: %s", push.target, push.key, why)
+        self._send_drops(self.cluster.cleared(push_id, ok=False, now=time.monotonic()))
 
     def _send_push(self, push: Push) -> None:
         tenant, volume, slab = push.key
@@ -757,6 +769,11 @@ class PlacementServer:
                 self._send_drops(drops)
             elif isinstance(reply, ErrorReply):
                 self._push_failed(pending.push_id, f"{reply.error_code}: {reply.detail}")
+        elif pending.kind == "clear":
+            if isinstance(reply, ErrorReply):
+                self._clear_failed(pending.push_id, f"{reply.error_code}: {reply.detail}")
+            else:
+                self._send_drops(self.cluster.cleared(pending.push_id, ok=True, now=now))
         elif isinstance(reply, ListInventoryReply):
             drops = self.cluster.adopt_inventory(
                 pending.server_id,
@@ -780,6 +797,8 @@ class PlacementServer:
                 del self.pending[msg_id]
                 if pending.kind == "push":
                     self._push_failed(pending.push_id, f"no answer in {limit}s")
+                elif pending.kind == "clear":
+                    self._clear_failed(pending.push_id, f"no answer in {limit}s")
 
     # -- utilization and notices -------------------------------------------------------------
 
