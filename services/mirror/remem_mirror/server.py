@@ -361,17 +361,17 @@ class MirrorWriter:
 
     # -- everything else -------------------------------------------------------------------
 
+    def _description(self) -> dict[str, Any]:
+        """The MirrorDescription fields of describe and attach replies."""
+        return {
+            "page_count": self.store.page_count,
+            "path": str(self.store.path),
+            "direct_io": self.store.direct_io,
+            "unreplicated_pages": self.store.unreplicated_pages,
+        }
+
     def _describe(self, msg: DescribeMirrorRequest) -> Frames:
-        return encode(
-            DescribeMirrorReply(
-                msg_id=0,
-                parent_id=msg.msg_id,
-                page_count=self.store.page_count,
-                path=str(self.store.path),
-                direct_io=self.store.direct_io,
-                unreplicated_pages=self.store.unreplicated_pages,
-            )
-        )
+        return encode(DescribeMirrorReply(msg_id=0, parent_id=msg.msg_id, **self._description()))
 
     def _attach(self, msg: AttachMirrorRequest) -> Frames:
         complete = self.store.open_session()
@@ -382,13 +382,7 @@ class MirrorWriter:
             )
         return encode(
             AttachMirrorReply(
-                msg_id=0,
-                parent_id=msg.msg_id,
-                page_count=self.store.page_count,
-                path=str(self.store.path),
-                direct_io=self.store.direct_io,
-                unreplicated_pages=self.store.unreplicated_pages,
-                complete=complete,
+                msg_id=0, parent_id=msg.msg_id, complete=complete, **self._description()
             )
         )
 

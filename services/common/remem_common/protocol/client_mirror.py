@@ -102,24 +102,25 @@ class DescribeMirrorRequest(Request):
     type: Literal["describe_mirror_request"] = "describe_mirror_request"
 
 
-class DescribeMirrorReply(Reply):
-    type: Literal["describe_mirror_reply"] = "describe_mirror_reply"
+class MirrorDescription(Reply):
+    """The fields describe_mirror_reply and attach_mirror_reply share."""
+
     page_count: int = Field(ge=0)
     path: str
     direct_io: bool
     unreplicated_pages: int = Field(ge=0)
+
+
+class DescribeMirrorReply(MirrorDescription):
+    type: Literal["describe_mirror_reply"] = "describe_mirror_reply"
 
 
 class AttachMirrorRequest(Request):
     type: Literal["attach_mirror_request"] = "attach_mirror_request"
 
 
-class AttachMirrorReply(Reply):
+class AttachMirrorReply(MirrorDescription):
     type: Literal["attach_mirror_reply"] = "attach_mirror_reply"
-    page_count: int = Field(ge=0)
-    path: str
-    direct_io: bool
-    unreplicated_pages: int = Field(ge=0)
     complete: bool
 
 
