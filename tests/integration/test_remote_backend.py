@@ -371,3 +371,24 @@ async def test_a_mirror_rebuilt_under_racing_writes_ends_equal_to_the_replicas(m
         stale = np.flatnonzero(versions_of(on_mirror, first) != versions_of(expected, first))
         assert not stale.size, f"mirror pages {stale[:8] + first} differ from the replicas"
     assert (await link.read(2 * SLAB_PAGES, 256)).tobytes() == bytes(256 * PAGE_SIZE)
+
+
+async def test_a_rebuild_clears_mirror_only_marks_the_client_does_not_hold(mirrored) -> None:
+    """A mark_replicated the mirror lost (it died with it queued) leaves a page marked
+    mirror-only there; a restarted client would adopt the mark and serve the mirror's copy,
+    stale by then. The rebuild clears every mark the client does not hold, and keeps the
+    client's own mirror-only pages as they are."""
+    backend, link = mirrored
+    await backend.pwrite(0, memoryview(versioned(0, 64, 1)), False)
+    # The mirror marks pages 8..15 mirror-only (a durable write the client then resynced,
+    # whose mark_replicated was lost) and 40..47 too (still mirror-only for the client).
+    await link.write_durable(8, np.frombuffer(versioned(8, 8, 1), np.uint8).reshape(8, -1))
+    mine = np.frombuffer(versioned(40, 8, 7), np.uint8).reshape(8, -1)
+    await link.write_durable(40, mine)
+    backend.mark_unreplicated(bytes([0, 0, 0, 0, 0, 0xFF]))  # pages 40..47
+    assert await backend.rebuild_mirror()
+    _, bitmap = await link.list_unreplicated()
+    marked = np.flatnonzero(np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little"))
+    assert marked.tolist() == list(range(40, 48))
+    assert (await link.read(40, 8, mirror_only=True)).tobytes() == mine.tobytes()
+    assert (await link.read(0, 8)).tobytes() == versioned(0, 8, 1)

@@ -387,8 +387,24 @@ class MirrorLink:
 
     async def mark_replicated(self, first: int, count: int) -> None:
         """Tell the mirror the pages are on their replicas again (after a resync)."""
+        await self._mark_replicated(first, count)
+
+    def clear_unreplicated(self, first: int, count: int) -> None:
+        """`mark_replicated` nobody waits for (ordered after earlier writes, like a trim)."""
+        if self.usable():
+            self._mark_replicated(first, count).add_done_callback(consume_outcome)
+        else:
+            self._missed()
+
+    def _mark_replicated(self, first: int, count: int) -> asyncio.Future[Any]:
+        if not self.usable():
+            raise MirrorFailure("the mirror is not answering")
         msg = MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count)
-        await self._call(msg)
+        future = self._send(msg)
+        # A mark the mirror never applied leaves a page marked mirror-only there, which a
+        # restarted client would serve from it: its loss makes the copy incomplete.
+        self._carried[msg.msg_id] = []
+        return future
 
     def _forget_cached(self, first: int, count: int) -> None:
         for entry, (cached_first, cached_count, data) in list(self._cache.items()):

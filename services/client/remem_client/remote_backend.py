@@ -1028,7 +1028,7 @@ class RemoteBackend:
         if self._any_unreplicated(first, count):
             # The replicas now hold the newest data of these pages.
             self._set_unreplicated(first, count, False)
-            self._spawn(mirror.mark_replicated(first, count))
+            mirror.clear_unreplicated(first, count)
 
     async def _wait_for_resync(self, first: int, count: int) -> None:
         slabs = set(range(first // SLAB_PAGES, (first + count - 1) // SLAB_PAGES + 1))
@@ -1408,6 +1408,9 @@ class RemoteBackend:
             part = rows[run_first - first : run_first - first + run_count]
             if part.any():
                 mirror.queue_write(run_first, part.tobytes())
+                # A mark left from a resync whose mark_replicated the mirror lost must go:
+                # the page is not mirror-only (a trim clears it by itself).
+                mirror.clear_unreplicated(run_first, run_count)
                 written += run_count
             else:
                 mirror.trim(run_first, run_count)
