@@ -20,7 +20,10 @@ Messages
 
 `push_slab_request` orders the page server to copy every page it holds of one slab straight
 to `target_endpoint` (another page server) with `pageserver_peer` messages: the data moves
-A -> B and never passes through placement. The reply counts pages and bytes sent, or is an
+A -> B and never passes through placement. The target keeps a page it already has (a client
+writes to a push target too, and its write is newer), so placement first orders the target
+to `drop_slab_request` the slab, and lists it as a target for clients only once it answered:
+no page of an older copy can survive there. The reply counts pages and bytes sent, or is an
 `error_reply` with `unavailable` if the target did not answer in time.
 
 Endpoints (`data_endpoint`, `target_endpoint`) must be connectable ZeroMQ addresses:
