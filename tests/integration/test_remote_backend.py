@@ -392,3 +392,25 @@ async def test_a_rebuild_clears_mirror_only_marks_the_client_does_not_hold(mirro
     assert marked.tolist() == list(range(40, 48))
     assert (await link.read(40, 8, mirror_only=True)).tobytes() == mine.tobytes()
     assert (await link.read(0, 8)).tobytes() == versioned(0, 8, 1)
+
+
+async def test_an_incomplete_mirror_serves_only_its_mirror_only_pages(mirrored) -> None:
+    """A mirror that may have missed writes serves the pages it alone holds (written durably
+    while the network was down, adopted at a restart); the rest of a read comes from the
+    replicas, and a page only on the mirror is never looked for on them."""
+    backend, link = mirrored
+    await backend.pwrite(0, memoryview(versioned(0, 64, 1)), False)
+    durable = np.frombuffer(versioned(8, 8, 5), np.uint8).reshape(8, -1)
+    await link.write_durable(8, durable)  # newer than the replicas' version 1
+    only_here = np.frombuffer(versioned(100, 8, 5), np.uint8).reshape(8, -1)
+    await link.write_durable(100, only_here)  # never on a replica
+    bitmap = bytearray(16)
+    bitmap[1] = bitmap[12] = 0xFF  # pages 8..15 and 96..103
+    backend.mark_unreplicated(bytes(bitmap))
+    assert link.incomplete
+    data = bytes(await backend.pread(0, 64 * PAGE_SIZE))
+    assert versions_of(data, 0).tolist() == [1] * 8 + [5] * 8 + [1] * 48
+    data = bytes(await backend.pread(96 * PAGE_SIZE, 8 * PAGE_SIZE))
+    assert data[: 4 * PAGE_SIZE] == bytes(4 * PAGE_SIZE)  # marked, never written anywhere
+    assert data[4 * PAGE_SIZE :] == only_here[:4].tobytes()
+    assert backend.stats.replica_failures == 0

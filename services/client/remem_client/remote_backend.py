@@ -673,10 +673,10 @@ class RemoteBackend:
         the run from the replicas."""
         assert self._unreplicated is not None
         mine = _bits_of(self._unreplicated, first, count)
-        rows = await self._read_pages(first, count)
-        if not rows.flags.writeable:
-            rows = rows.copy()
-        rows[mine] = (await self._read_local(first, count, mirror_only=True))[mine]
+        rows = await self._read_local(first, count, mirror_only=True)  # a fresh array
+        for run_first, run_count in _runs(np.flatnonzero(~mine) + first):
+            offset = run_first - first
+            rows[offset : offset + run_count] = await self._read_pages(run_first, run_count)
         return rows
 
     async def _read_local(self, first: int, count: int, *, mirror_only: bool = False) -> PageArray:
