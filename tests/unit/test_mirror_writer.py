@@ -177,6 +177,28 @@ def test_attach_reports_a_clean_end_only_after_a_detach(
     assert value(registry, "mirror_requests_total", op="detach", result="ok") == 1
 
 
+def test_a_session_with_a_failed_write_does_not_end_clean(
+    writer: MirrorWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client may not have seen the failure before it detached: the mirror itself must
+    # not vouch for a copy that misses a write.
+    writer.execute([op(AttachMirrorRequest(msg_id=1))])
+
+    def broken(*args: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer.store, "write_run", broken)
+    replies = replies_of(
+        writer.execute([write_op(0, pages_of(1, 2)), op(DetachMirrorRequest(msg_id=3))])
+    )
+    assert [type(reply) for reply, _ in replies] == [ErrorReply, ErrorReply]
+    assert not writer.store.clean
+    monkeypatch.undo()
+    writer.execute([op(AttachMirrorRequest(msg_id=4))])  # a new session starts afresh
+    ((reply, _),) = replies_of(writer.execute([op(DetachMirrorRequest(msg_id=5))]))
+    assert isinstance(reply, DetachMirrorReply) and writer.store.clean
+
+
 def test_adjacent_queued_writes_share_one_syscall(
     writer: MirrorWriter, registry: CollectorRegistry
 ) -> None:

@@ -348,3 +348,19 @@ def test_a_push_target_clears_any_old_copy_before_it_is_listed_as_filling() -> N
     assert cluster.view(other).filling == [] and other not in cluster.held_by(target)
     assert other not in cluster.pushing
     assert cluster.plan(0.8, 101.0) == ([], [])  # backing off
+
+
+def test_a_slow_clear_does_not_shorten_the_wait_for_clients() -> None:
+    # map_settle counts from when the target is listed as filling, not from planning: a
+    # clear answered late must not let the push start before clients could see the target.
+    settings = PolicySettings(**{**SETTINGS.__dict__, "map_settle": 5.0})
+    cluster = cluster_of(FOUR, settings)
+    key = ("t", 0, 0)
+    cluster.allocate(key, 1, now=0.0, wall=101.0)
+    cluster.slabs[key].target = 2
+    _, (clear,) = cluster.plan(0.1, 101.0)
+    assert cluster.cleared(clear.push_id, ok=True, now=8.0) == []
+    assert cluster.plan(8.1, 101.0) == ([], [])
+    assert cluster.plan(12.9, 101.0) == ([], [])
+    (push,), _ = cluster.plan(13.1, 101.0)
+    assert push.push_id == clear.push_id

@@ -379,6 +379,7 @@ class MirrorLink:
         try:
             self._send(msg).add_done_callback(consume_outcome)
         except MirrorFailure as exc:
+            self._missed()
             self._lost(str(exc))
             return
         # Nobody awaits a trim; a failure shows as a timeout of the link, which knows a
@@ -391,10 +392,14 @@ class MirrorLink:
 
     def clear_unreplicated(self, first: int, count: int) -> None:
         """`mark_replicated` nobody waits for (ordered after earlier writes, like a trim)."""
-        if self.usable():
-            self._mark_replicated(first, count).add_done_callback(consume_outcome)
-        else:
+        if not self.usable():
             self._missed()
+            return
+        try:
+            self._mark_replicated(first, count).add_done_callback(consume_outcome)
+        except MirrorFailure as exc:  # the send failed: never the writer's error
+            self._missed()
+            self._lost(str(exc))
 
     def _mark_replicated(self, first: int, count: int) -> asyncio.Future[Any]:
         if not self.usable():

@@ -1247,10 +1247,12 @@ class RemoteBackend:
                 if self.unreplicated_pages:
                     await self.resync_once()
                 mirror = self.mirror
+                # While pages wait for their resync, the replicas are known to be away (the
+                # resync probes them); otherwise a rebuild finds out for itself.
                 if (
                     mirror is not None
                     and mirror.incomplete
-                    and not self.network_down
+                    and not (self.network_down and self.unreplicated_pages)
                     and mirror.usable()
                 ):
                     await self.rebuild_mirror()
@@ -1402,6 +1404,8 @@ class RemoteBackend:
             copy = _runs(np.flatnonzero(keep) + first)
         written = 0
         for run_first, run_count in copy:
+            if not mirror.up:
+                break  # lost on the way (a failed send): the round sees the loss and stops
             if rows is None:
                 mirror.trim(run_first, run_count)
                 continue

@@ -236,6 +236,9 @@ class MirrorWriter:
     def __init__(self, store: MirrorStore, metrics: MirrorMetrics) -> None:
         self.store = store
         self.metrics = metrics
+        # A write, trim or mark failed since the client attached: the mirror misses it, so
+        # a detach must not mark it clean.
+        self.failed_since_attach = False
         self._handlers: dict[str, Callable[[Any], Frames]] = {
             "describe_mirror_request": self._describe,
             "attach_mirror_request": self._attach,
@@ -273,6 +276,7 @@ class MirrorWriter:
         except OSError as exc:
             log.error("%s failed: %s", name, exc)
             self.metrics.error[name].inc()
+            self.failed_since_attach = True
             return io_error_frames(exc, msg.msg_id)
         except Exception:
             # Never let one request stop the writer; the sender learns it failed.
@@ -325,6 +329,7 @@ class MirrorWriter:
                 frames = encode(reply)
             else:
                 self.metrics.error["write"].inc()
+                self.failed_since_attach = True
                 frames = io_error_frames(failure, op.request.msg_id)
             replies.append([*op.routing, *frames])
         return replies
@@ -375,6 +380,7 @@ class MirrorWriter:
 
     def _attach(self, msg: AttachMirrorRequest) -> Frames:
         complete = self.store.open_session()
+        self.failed_since_attach = False
         if not complete:
             log.warning(
                 "client attached; the last session did not end cleanly (or the mirror is new): "
@@ -387,6 +393,13 @@ class MirrorWriter:
         )
 
     def _detach(self, msg: DetachMirrorRequest) -> Frames:
+        if self.failed_since_attach:
+            log.warning("client detached, but a write failed in its session: not marked clean")
+            return error_frames(
+                ErrorCode.UNAVAILABLE,
+                "a write failed in this session: the mirror stays not clean",
+                msg.msg_id,
+            )
         self.store.close_session()
         log.info("client detached cleanly: the mirror holds every write")
         return encode(DetachMirrorReply(msg_id=0, parent_id=msg.msg_id))

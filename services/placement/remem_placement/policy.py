@@ -551,7 +551,8 @@ class Cluster:
             return self._abandon(push, now)
         self.slabs[push.key].filling.append(push.target)
         self._touch(push.key)
-        self.pushes[push_id] = replace(push, epoch=self.epoch)
+        # The wait for clients to see the target (`_release`, map_settle) starts only now.
+        self.pushes[push_id] = replace(push, epoch=self.epoch, started=now)
         self.waiting.add(push_id)
         return []
 
