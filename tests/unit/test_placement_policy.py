@@ -350,6 +350,20 @@ def test_a_push_target_clears_any_old_copy_before_it_is_listed_as_filling() -> N
     assert cluster.plan(0.8, 101.0) == ([], [])  # backing off
 
 
+def test_a_clearing_target_s_old_copy_is_never_adopted_as_a_replica() -> None:
+    # Its inventory may list the slab it is about to drop (it restarted meanwhile): even
+    # with the slab's only replica suspect, that old copy must not become a replica.
+    cluster = cluster_of(FOUR)
+    key = ("t", 0, 0)
+    cluster.allocate(key, 1, now=0.0, wall=101.0)
+    cluster.slabs[key].target = 2
+    _, (clear,) = cluster.plan(0.1, 101.0)
+    (source,) = cluster.slabs[key].replicas
+    cluster.report_failure(source, now=0.2)
+    assert cluster.adopt_inventory(clear.server_id, [key], now=0.3) == []
+    assert cluster.slabs[key].replicas == [source]
+
+
 def test_a_slow_clear_does_not_shorten_the_wait_for_clients() -> None:
     # map_settle counts from when the target is listed as filling, not from planning: a
     # clear answered late must not let the push start before clients could see the target.

@@ -402,6 +402,10 @@ class Cluster:
                 slab = self._new_slab(key, self.settings.default_replicas)
             elif server_id in slab.replicas or server_id in slab.filling:
                 continue
+            elif (push_id := self.pushing.get(key)) is not None and (
+                self.pushes[push_id].target == server_id
+            ):
+                continue  # a push target clearing its old copy: that copy is no replica
             elif not grace and any(self._live(other) for other in slab.replicas):
                 drops.append(Drop(server_id, key))
                 continue
