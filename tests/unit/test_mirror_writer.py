@@ -111,10 +111,12 @@ def op(msg: BaseModel) -> Op:
     return Op(routing=ROUTING, request=msg)  # type: ignore[arg-type]
 
 
-def replies_of(frames: list[list[bytes]]) -> list[tuple[BaseModel, list[bytes]]]:
+def replies_of(
+    frames: list[list[bytes]], routing: bytes = b"peer"
+) -> list[tuple[BaseModel, list[bytes]]]:
     out = []
     for reply in frames:
-        assert reply[:2] == [b"peer", b""]
+        assert reply[:2] == [routing, b""]
         out.append(decode(reply[1:], MIRROR_REPLY_ADAPTER))
     return out
 
@@ -197,6 +199,46 @@ def test_a_session_with_a_failed_write_does_not_end_clean(
     writer.execute([op(AttachMirrorRequest(msg_id=4))])  # a new session starts afresh
     ((reply, _),) = replies_of(writer.execute([op(DetachMirrorRequest(msg_id=5))]))
     assert isinstance(reply, DetachMirrorReply) and writer.store.clean
+
+
+def test_a_client_s_old_connection_cannot_change_the_mirror_once_it_attached_again(
+    writer: MirrorWriter,
+) -> None:
+    # A stalled mirror still holds what the old connection queued; the client, having timed
+    # it out, attached on a new connection and rebuilds through it. The old writes, run
+    # later, would put older pages over the rebuild's copy: they are refused.
+    def from_(routing: bytes, item: Op) -> Op:
+        item.routing = [routing]
+        return item
+
+    old, new, tool = b"old", b"new", b"tool"
+    first = pages_of(2, seed=5)
+    writer.execute([from_(old, op(AttachMirrorRequest(msg_id=1))), from_(old, write_op(0, first))])
+    late = pages_of(2, seed=6)
+    replies = writer.execute(
+        [
+            from_(new, op(AttachMirrorRequest(msg_id=2))),
+            from_(old, write_op(0, late)),  # queued on the old connection
+            from_(old, op(TrimPagesRequest(msg_id=3, first_page=0, count=1))),
+            from_(old, op(AttachMirrorRequest(msg_id=4))),  # cannot take the session back
+            from_(old, op(ReadPagesRequest(msg_id=5, first_page=0, count=2))),  # reads may
+        ]
+    )
+    by_sender = {}
+    for reply in replies:
+        by_sender.setdefault(reply[0], []).append(decode(reply[1:], MIRROR_REPLY_ADAPTER)[0])
+    refused = [r for r in by_sender[old] if isinstance(r, ErrorReply)]
+    assert [r.error_code for r in refused] == [ErrorCode.UNAVAILABLE] * 3
+    assert writer.store.read(0, 2) == first.tobytes()
+    newer = pages_of(2, seed=7)
+    ((reply, _),) = replies_of(
+        [r for r in writer.execute([from_(new, write_op(0, newer))])], routing=new
+    )
+    assert isinstance(reply, WritePagesReply)
+    # A connection that never attached (a tool) is not fenced.
+    ((reply, _),) = replies_of(writer.execute([from_(tool, write_op(4, newer))]), routing=tool)
+    assert isinstance(reply, WritePagesReply)
+    assert writer.store.read(0, 2) == newer.tobytes()
 
 
 def test_adjacent_queued_writes_share_one_syscall(

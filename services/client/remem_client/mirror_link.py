@@ -189,6 +189,16 @@ class MirrorLink:
             self._open_socket()
             self.up = True
             log.info("trying the mirror again endpoint=%s", self.endpoint)
+            # Attach first on the new connection: a mirror that was only stalled then refuses
+            # what the old connection still had queued there, which would otherwise land
+            # after this connection's requests (a rebuild's copy of the same pages). The
+            # reply changes nothing here: this session's state is the link's own.
+            try:
+                reattach = self._transmit(AttachMirrorRequest(msg_id=next(self._ids)))
+            except MirrorFailure as exc:
+                self._lost(str(exc))
+                return False
+            reattach.add_done_callback(consume_outcome)
             return True
         return False
 

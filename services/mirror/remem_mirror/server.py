@@ -88,6 +88,18 @@ OP_OF = {
     "mark_replicated_request": "mark_replicated",
     "list_unreplicated_request": "list_unreplicated",
 }
+# Requests that change the mirror (and attach, which starts a session): a superseded
+# connection's are refused (see MirrorWriter._fence).
+SESSION_OPS = frozenset(
+    {
+        "attach_mirror_request",
+        "detach_mirror_request",
+        "write_pages_request",
+        "write_extents_request",
+        "trim_pages_request",
+        "mark_replicated_request",
+    }
+)
 # Messages taken from the ROUTER per wake-up before queued replies get sent.
 MAX_BURST = 256
 POLL_MS = 100
@@ -239,6 +251,12 @@ class MirrorWriter:
         # A write, trim or mark failed since the client attached: the mirror misses it, so
         # a detach must not mark it clean.
         self.failed_since_attach = False
+        # The routing id of the connection that attached last, and those that attached
+        # before it: a client that timed the mirror out reconnects and attaches again, and
+        # what its old connection still had queued here must not land after what the new
+        # one sends (a rebuild's copy of the same pages), so it is refused.
+        self.session: bytes | None = None
+        self.superseded: set[bytes] = set()
         self._handlers: dict[str, Callable[[Any], Frames]] = {
             "describe_mirror_request": self._describe,
             "attach_mirror_request": self._attach,
@@ -250,8 +268,13 @@ class MirrorWriter:
         }
 
     def execute(self, ops: list[Op]) -> list[Frames]:
-        """Run `ops` in order; returns their replies (routing ids first), in the same order."""
+        """Run `ops` in order; returns their replies (routing ids first), in the same order
+        (refused changes of a superseded connection first)."""
         replies: list[Frames] = []
+        if self.superseded or any(
+            op.request is not None and op.request.type in SESSION_OPS for op in ops
+        ):
+            ops = self._fence(ops, replies)
         index = 0
         while index < len(ops):
             stop = index
@@ -264,6 +287,34 @@ class MirrorWriter:
                 replies.append([*ops[index].routing, *self._one(ops[index])])
                 index += 1
         return replies
+
+    def _fence(self, ops: list[Op], refused: list[Frames]) -> list[Op]:
+        """Track attaches and refuse changes from superseded connections (answers go to
+        `refused`); returns the ops to run."""
+        kept: list[Op] = []
+        for op in ops:
+            msg = op.request
+            sender = bytes(op.routing[0]) if op.routing else b""
+            if msg is not None and msg.type in SESSION_OPS and sender not in self.superseded:
+                if msg.type == "attach_mirror_request":
+                    if self.session is not None and self.session != sender:
+                        self.superseded.add(self.session)
+                    self.session = sender
+            elif msg is not None and msg.type in SESSION_OPS:
+                self.metrics.error[OP_OF[msg.type]].inc()
+                refused.append(
+                    [
+                        *op.routing,
+                        *error_frames(
+                            ErrorCode.UNAVAILABLE,
+                            "this connection's client attached again on another one",
+                            msg.msg_id,
+                        ),
+                    ]
+                )
+                continue
+            kept.append(op)
+        return kept
 
     def _one(self, op: Op) -> Frames:
         msg = op.request

@@ -67,6 +67,11 @@ starting at `first_page` (1..MAX_MIRROR_PAGES pages, inside the mirror's `page_c
   client then must not serve page-ins from it (except its mirror-only pages, which were
   written durably) until it has rebuilt it from the replicas. Before the reply, the mirror
   durably records the session as open (so `complete` is false after any crash from now on).
+  The connection that attached last holds the session: writes, trims, marks, detaches and
+  attaches from a connection that attached before it are answered `unavailable` (a client
+  that timed a stalled mirror out attaches again on a new connection; what its old one still
+  had queued must not land after the new one's requests). Connections that never attached
+  are not fenced. A client attaches first on every connection it opens.
 - `detach_mirror_request`: the client's session ends cleanly and every write it sent before
   reached the mirror. The mirror fdatasyncs and durably records that it is complete. A client
   whose mirror missed writes does not send it.
