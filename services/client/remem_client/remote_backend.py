@@ -250,11 +250,8 @@ class RemoteBackend:
         self._resync_done = asyncio.Event()
         self._resync_interval = resync_interval
         self._resync_task: asyncio.Task[None] | None = None
-        # Writes, trims and zeroings in flight (token -> first page, end page), and the run a
-        # mirror rebuild is copying: [first, end, a change of it started] (see _rebuild_run).
-        self._changes: dict[int, tuple[int, int]] = {}
-        self._change_tokens = itertools.count()
-        self._change_ended = asyncio.Event()
+        # The run a mirror rebuild is copying: [first, end, a write of it started], set by
+        # _ordered_write (see _rebuild_run).
         self._rebuilding: list[Any] | None = None
         # Where the next rebuild round starts, and the mirror's losses it started after.
         self._rebuild_cursor = 0
@@ -921,19 +918,11 @@ class RemoteBackend:
     async def _changing(self, offset: int, length: int, change: Awaitable[None]) -> None:
         """Run a write, trim or zeroing of [offset, offset + length), its pages dropped from
         the read-ahead ring before and after: a fetch ahead that read the replicas while the
-        change was landing is not kept (see readahead). A mirror rebuild sees it too."""
+        change was landing is not kept (see readahead)."""
         self._forget_ahead(offset, length)
-        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
-        token = next(self._change_tokens)
-        self._changes[token] = (first, end)
-        run = self._rebuilding
-        if run is not None and first < run[1] and run[0] < end:
-            run[2] = True
         try:
             await change
         finally:
-            del self._changes[token]
-            self._change_ended.set()
             self._forget_ahead(offset, length)
 
     async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
@@ -960,10 +949,14 @@ class RemoteBackend:
         that write lands and then put the old bytes back. A whole-page write or trim waits
         for the earlier partial writes whose edges it covers, for the same reason. Waits
         only ever point at earlier arrivals, so they cannot deadlock; whole-page writes with
-        no partial write in flight (the kernel's swap traffic) skip the scan."""
+        no partial write in flight (the kernel's swap traffic) skip the scan. A mirror rebuild
+        reading these pages meanwhile reads them again (see _rebuild_run)."""
         arrival = next(self._write_arrivals)
         entry: list[Any] = [first, last, edges, None]
         self._writes_in_flight[arrival] = entry
+        run = self._rebuilding
+        if run is not None and first < run[1] and run[0] <= last:
+            run[2] = True
         self._partial_writes += bool(edges)
         try:
             if edges or self._partial_writes:
@@ -1370,11 +1363,20 @@ class RemoteBackend:
         try:
             rereads = 0
             while rereads < REBUILD_REREADS:
-                if any(f < run[1] and run[0] < e for f, e in self._changes.values()):
-                    # It started before we looked and may land after our read: wait.
+                busy = next(
+                    (
+                        w
+                        for w in self._writes_in_flight.values()
+                        if w[0] < run[1] and run[0] <= w[1]
+                    ),
+                    None,
+                )
+                if busy is not None:
+                    # It started before we looked and may land after our read: wait for it.
                     rereads += 1
-                    self._change_ended.clear()
-                    await self._change_ended.wait()
+                    if busy[3] is None:
+                        busy[3] = asyncio.get_running_loop().create_future()
+                    await busy[3]
                     continue
                 run[2] = False
                 written = self._maybe_written(first, count)
