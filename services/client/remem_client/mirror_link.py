@@ -380,46 +380,42 @@ class MirrorLink:
 
     def trim(self, first: int, count: int) -> None:
         """Make the pages read as zeros on the mirror (ordered after earlier writes)."""
-        if not self.usable():
-            self._missed()
-            return
         # Cached writes of these pages must not be overlaid on later reads.
         self._forget_cached(first, count)
-        msg = TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count)
-        try:
-            self._send(msg).add_done_callback(consume_outcome)
-        except MirrorFailure as exc:
-            self._missed()
-            self._lost(str(exc))
-            return
-        # Nobody awaits a trim; a failure shows as a timeout of the link, which knows a
-        # change was in flight (carried).
-        self._carried[msg.msg_id] = []
+        self._change(TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count))
 
     async def mark_replicated(self, first: int, count: int) -> None:
         """Tell the mirror the pages are on their replicas again (after a resync)."""
-        await self._mark_replicated(first, count)
-
-    def clear_unreplicated(self, first: int, count: int) -> None:
-        """`mark_replicated` nobody waits for (ordered after earlier writes, like a trim)."""
-        if not self.usable():
-            self._missed()
-            return
-        try:
-            self._mark_replicated(first, count).add_done_callback(consume_outcome)
-        except MirrorFailure as exc:  # the send failed: never the writer's error
-            self._missed()
-            self._lost(str(exc))
-
-    def _mark_replicated(self, first: int, count: int) -> asyncio.Future[Any]:
         if not self.usable():
             raise MirrorFailure("the mirror is not answering")
         msg = MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count)
         future = self._send(msg)
-        # A mark the mirror never applied leaves a page marked mirror-only there, which a
-        # restarted client would serve from it: its loss makes the copy incomplete.
+        self._carried[msg.msg_id] = []  # a change: see _change
+        await future
+
+    def clear_unreplicated(self, first: int, count: int) -> None:
+        """`mark_replicated` nobody waits for (ordered after earlier writes, like a trim)."""
+        self._change(MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count))
+
+    def _change(self, msg: TrimPagesRequest | MarkReplicatedRequest) -> None:
+        """Send a trim or mark nobody waits for, ordered after earlier writes.
+
+        Its loss shows as a timeout of the link, which knows a change was in flight
+        (carried) and makes the copy incomplete: a trim the mirror never applied leaves old
+        data, a mark a page marked mirror-only that a restarted client would serve from it.
+        One not sent at all (the mirror is down, or the send failed) does so at once; a
+        failed send is never its caller's error."""
+        if not self.usable():
+            self._missed()
+            return
+        try:
+            future = self._send(msg)
+        except MirrorFailure as exc:
+            self._missed()
+            self._lost(str(exc))
+            return
         self._carried[msg.msg_id] = []
-        return future
+        future.add_done_callback(consume_outcome)
 
     def _forget_cached(self, first: int, count: int) -> None:
         for entry, (cached_first, cached_count, data) in list(self._cache.items()):
