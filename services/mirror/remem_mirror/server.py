@@ -271,8 +271,9 @@ class MirrorWriter:
         """Run `ops` in order; returns their replies (routing ids first), in the same order
         (refused changes of a superseded connection first)."""
         replies: list[Frames] = []
+        # Only an attach changes the session, and only a superseded sender is refused.
         if self.superseded or any(
-            op.request is not None and op.request.type in SESSION_OPS for op in ops
+            op.request is not None and op.request.type == "attach_mirror_request" for op in ops
         ):
             ops = self._fence(ops, replies)
         index = 0
