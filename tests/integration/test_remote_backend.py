@@ -49,14 +49,14 @@ class FixedPlacement:
         self.failures.append((server_id, slab))
 
 
-@pytest.fixture
-async def cluster(
-    start_pageserver: StartPageServer, tmp_path: Path
-) -> AsyncIterator[tuple[RemoteBackend, FixedPlacement, list[ServiceProcess]]]:
-    servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(3)]
-    placement = FixedPlacement(servers, replicas=2)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    backend = RemoteBackend(
+def backend_over(
+    placement: FixedPlacement,
+    context: zmq.Context[zmq.Socket[bytes]],
+    tmp_path: Path,
+    mirror: MirrorLink | None = None,
+) -> RemoteBackend:
+    """The backend every test here uses: tenant t, volume 0, sealed pages, 1 s timeout."""
+    return RemoteBackend(
         size=SIZE,
         tenant="t",
         volume=0,
@@ -64,7 +64,18 @@ async def cluster(
         context=context,
         replica_timeout=1.0,
         sealer=open_page_sealer(tmp_path / "page.key", tenant="t", volume=0),
+        mirror=mirror,
     )
+
+
+@pytest.fixture
+async def cluster(
+    start_pageserver: StartPageServer, tmp_path: Path
+) -> AsyncIterator[tuple[RemoteBackend, FixedPlacement, list[ServiceProcess]]]:
+    servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(3)]
+    placement = FixedPlacement(servers, replicas=2)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    backend = backend_over(placement, context, tmp_path)
     yield backend, placement, servers
     await backend.close()
     context.destroy(linger=0)
@@ -311,16 +322,7 @@ async def mirrored(
     )  # fmt: skip
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     link = MirrorLink(mirror.ready["endpoint"], context=context, cache_bytes=4 << 20, timeout=10)
-    backend = RemoteBackend(
-        size=SIZE,
-        tenant="t",
-        volume=0,
-        placement=FixedPlacement(servers, replicas=2),
-        context=context,
-        replica_timeout=1.0,
-        sealer=open_page_sealer(tmp_path / "page.key", tenant="t", volume=0),
-        mirror=link,
-    )
+    backend = backend_over(FixedPlacement(servers, replicas=2), context, tmp_path, link)
     assert not (await link.attach()).complete
     yield backend, link
     await backend.close()
