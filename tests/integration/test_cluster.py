@@ -66,6 +66,17 @@ def test_up_starts_every_process_and_writes_pid_files(cluster) -> None:
     assert up.ready["nbd_uri"].startswith("nbd+unix:///remem?socket=")
 
 
+def test_up_talks_over_unix_sockets_only_its_user_can_open(cluster) -> None:
+    """The local mode's ZeroMQ sockets live in STATE_DIR/zmq, mode 0700: the file system is
+    what keeps other users out (so no Curve is needed), and no TCP port is bound."""
+    _, state = cluster
+    sockets = state / "zmq"
+    assert sockets.stat().st_mode & 0o777 == 0o700
+    for name in ("placement", "pageserver-0", "pageserver-1", "pageserver-2", "mirror"):
+        endpoint = ready_fields(state / "logs" / f"{name}.log")["endpoint"]
+        assert endpoint == f"ipc://{sockets / name}.sock", name
+
+
 def test_nbdinfo_shows_the_replicated_device(cluster) -> None:
     up, _ = cluster
     info = json.loads(run([need("nbdinfo"), "--json", up.ready["nbd_uri"]]))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from remem_cli.up import UpConfig
+from remem_common.config import load_config
 from remem_common.mirror_client import MirrorClient, MirrorTimeout
 from remem_common.pageserver_client import PageServerClient, PageServerError, PageServerTimeout
 from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
@@ -275,12 +277,12 @@ def test_cluster_under_curve_keeps_tenants_apart_and_repairs_by_peer_push(
     assert scrape(servers[target])["pageserver_push_received_bytes_total"] > 0
 
 
-def test_remem_up_runs_curve_everywhere(keys: Path, tmp_path: Path) -> None:
+def test_remem_up_over_tcp_runs_curve_everywhere(keys: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     up = start_service(
         "remem-up",
         ["up", "--state-dir", str(state), "--size", "64MiB", "--pageservers", "2",
-         "--forget", "--no-insecure"],
+         "--forget", "--transport", "tcp", "--no-insecure"],
         timeout=240,
     )  # fmt: skip
     try:
@@ -319,6 +321,20 @@ def test_remem_up_runs_curve_everywhere(keys: Path, tmp_path: Path) -> None:
             stranger.status()
     finally:
         assert up.stop(timeout=60) == 0, up.log()
+
+
+def test_remem_up_runs_curve_by_default_where_other_users_could_connect() -> None:
+    """Loopback TCP is open to every local user: Curve. The local mode's Unix sockets are
+    in a folder only the user can open: plaintext, unless asked."""
+
+    def config(*args: str) -> UpConfig:
+        return load_config(UpConfig, ["--state-dir", "/tmp/s", *args], prog="remem up",
+                           env_prefix="REMEM_UP_", environ={})  # fmt: skip
+
+    assert config().transport == "ipc" and not config().curve
+    assert config("--transport", "tcp").curve
+    assert not config("--transport", "tcp", "--insecure").curve
+    assert config("--no-insecure").curve
 
 
 def _ready_field(log: str, field: str) -> str:

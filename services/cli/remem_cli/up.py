@@ -6,11 +6,16 @@ separate processes, each logging to STATE_DIR/logs/NAME.log, writes STATE_DIR/pi
 waits until every page server is registered with placement and the client serves NBD, then
 prints one line with `ready` and the NBD URI. SIGINT or SIGTERM stops them all, client first.
 
-Every socket runs CurveZMQ, as in a real deployment: `remem up` makes a keypair per process
-in STATE_DIR/keys (once; later runs reuse them), every service admits the public
-certificates of that folder, and the client's key is of `--tenant`. STATE_DIR/keys/admin.key_secret
-is for `remem status --curve-secret-key ... --placement-public-key STATE_DIR/keys/placement.key`.
-`--insecure` runs everything in plaintext instead.
+The processes talk over ZeroMQ on Unix sockets in STATE_DIR/zmq (`--transport ipc`, the
+default), a folder of mode 0700: only this user can connect, so the file system is the access
+control and CurveZMQ is off unless `--no-insecure` asks for it. Curve costs ~7 us of CPU per
+4 KiB page on each side of every hop, which is most of a page-out's cost here (three hops:
+two replicas and the mirror). `--transport tcp` uses loopback TCP instead, which any local
+user can reach, so there every socket runs Curve as in a real deployment: `remem up` makes a
+keypair per process in STATE_DIR/keys (once; later runs reuse them), every service admits the
+public certificates of that folder, and the client's key is of `--tenant`.
+STATE_DIR/keys/admin.key_secret is for `remem status --curve-secret-key ...
+--placement-public-key STATE_DIR/keys/placement.key`. `--insecure` turns Curve off either way.
 
 A page server or the mirror that dies is left dead (that is what re-replication and the
 client's failover are for, and what the fault tests exercise); if placement or the client
@@ -24,6 +29,7 @@ import logging
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -39,6 +45,8 @@ from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES
 from remem_common.security import Role, Security, load_public_key, write_keypair
 
 log = logging.getLogger("up")
+# sun_path holds 108 bytes with its terminating NUL; libzmq refuses longer ipc paths.
+IPC_PATH_MAX = 107
 
 
 class UpConfig(ServiceConfig):
@@ -75,9 +83,15 @@ class UpConfig(ServiceConfig):
         "runs, --forget too: the mirror and a restarted client need it); "
         "--no-encrypt-pages only to measure the cost",
     )
-    insecure: bool = Field(
-        default=False,
-        description="no Curve: plaintext ZeroMQ on loopback (default: keys in STATE_DIR/keys)",
+    transport: Literal["ipc", "tcp"] = Field(
+        default="ipc",
+        description="ipc: ZeroMQ over Unix sockets in STATE_DIR/zmq (mode 0700, this user "
+        "only); tcp: over loopback TCP, which any local user can reach",
+    )
+    insecure: bool | None = Field(
+        default=None,
+        description="no Curve (plaintext ZeroMQ); default: plaintext with --transport ipc, "
+        "Curve with keys in STATE_DIR/keys with --transport tcp",
     )
     start_timeout: float = Field(default=180.0, gt=0, description="seconds for each start")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -89,6 +103,11 @@ class UpConfig(ServiceConfig):
         if self.replicas > self.pageservers:
             raise ValueError("replicas cannot exceed pageservers")
         return self
+
+    @property
+    def curve(self) -> bool:
+        """Whether the sockets run Curve: asked for, or by default over TCP only."""
+        return not self.insecure if self.insecure is not None else self.transport == "tcp"
 
     def capacity_each(self) -> int:
         """Per page server: k copies of the device over n-1 servers (room to re-replicate
@@ -113,6 +132,35 @@ class Cluster:
         digest = hashlib.sha1(str(config.state_dir.resolve()).encode()).hexdigest()[:10]
         self.arena_dir = config.shm_dir / f"remem-up-{digest}"
         self.key_dir = config.state_dir / "keys"
+        self.socket_dir = config.state_dir / "zmq"
+        self.own_socket_dir = False
+
+    def listen_endpoint(self, name: str) -> str:
+        """Where process `name` binds its ZeroMQ socket."""
+        if self.config.transport == "tcp":
+            return "tcp://127.0.0.1:0"
+        return f"ipc://{self.socket_dir / f'{name}.sock'}"
+
+    def make_socket_dir(self) -> None:
+        """STATE_DIR/zmq, mode 0700; a private folder under /tmp instead if a socket path
+        there would be too long for a Unix socket."""
+        longest = max(len(f"{n}.sock") for n in (*self.names(), "placement"))
+        if len(str(self.socket_dir)) + 1 + longest > IPC_PATH_MAX:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="remem-up-"))  # mode 0700
+            self.own_socket_dir = True
+            log.info(
+                "socket paths under %s would be too long: using %s",
+                self.config.state_dir,
+                self.socket_dir,
+            )
+            return
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        self.socket_dir.chmod(0o700)  # also when an older run left it more open
+
+    def names(self) -> list[str]:
+        """The processes this cluster runs."""
+        names = ["placement", *(f"pageserver-{i}" for i in range(self.config.pageservers))]
+        return [*names, "mirror", "client"] if self.config.mirror else [*names, "client"]
 
     def make_keys(self) -> None:
         """A keypair per process in STATE_DIR/keys, made once and reused by later runs."""
@@ -132,7 +180,7 @@ class Cluster:
 
     def security_args(self, name: str, *, admits: bool = True) -> list[str]:
         """The flags giving process `name` its keypair (and the admitted keys)."""
-        if self.config.insecure:
+        if not self.config.curve:
             return ["--insecure"]
         # --no-insecure: an inherited REMEM_*_INSECURE must not turn Curve off behind our back.
         args = ["--no-insecure", "--curve-secret-key", str(self.key_dir / f"{name}.key_secret")]
@@ -141,11 +189,11 @@ class Cluster:
         return args
 
     def public_key_arg(self, flag: str, name: str) -> list[str]:
-        return [] if self.config.insecure else [flag, str(self.key_dir / f"{name}.key")]
+        return [] if not self.config.curve else [flag, str(self.key_dir / f"{name}.key")]
 
     def admin_security(self) -> tuple[Security | None, str | None]:
         """`remem up`'s own key for its status requests to placement."""
-        if self.config.insecure:
+        if not self.config.curve:
             return None, None
         security = Security.curve(self.key_dir / "admin.key_secret")
         return security, load_public_key(self.key_dir / "placement.key")
@@ -164,14 +212,16 @@ class Cluster:
         cfg = self.config
         for folder in (cfg.state_dir, self.pid_dir, self.log_dir, self.arena_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        if not cfg.insecure:
+        if cfg.transport == "ipc":
+            self.make_socket_dir()
+        if cfg.curve:
             self.make_keys()
         placement = self.start(
             "placement",
             [
                 "placement",
                 "--listen",
-                "tcp://127.0.0.1:0",
+                self.listen_endpoint("placement"),
                 "--metrics-port",
                 "0",
                 "--log-level",
@@ -187,7 +237,7 @@ class Cluster:
                 "--capacity",
                 str(capacity),
                 "--listen",
-                "tcp://127.0.0.1:0",
+                self.listen_endpoint(f"pageserver-{index}"),
                 "--metrics-port",
                 "0",
                 "--zone",
@@ -247,7 +297,7 @@ class Cluster:
         args = [
             "mirror",
             "--listen",
-            "tcp://127.0.0.1:0",
+            self.listen_endpoint("mirror"),
             "--path",
             str(cfg.mirror_path or cfg.state_dir / "mirror.img"),
             "--size",
@@ -292,6 +342,8 @@ class Cluster:
                 log.error("%s", exc)
             (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
         self.context.destroy(linger=0)
+        if self.own_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def first_dead(self) -> tuple[str, int] | None:
         """A child that must not die and did: (name, exit status)."""
@@ -329,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop_all()
         return 1
     names = ",".join(cluster.children)
-    curve = "off" if config.insecure else f"on keys={cluster.key_dir}"
+    curve = f"on keys={cluster.key_dir}" if config.curve else "off"
     print(
         f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names} curve={curve}",
         flush=True,

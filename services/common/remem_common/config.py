@@ -36,7 +36,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+    """bool, or `bool | None` (a switch whose default depends on other settings)."""
+    return annotation is bool or annotation == bool | None
 
 
 def env_name(prefix: str, field: str) -> str:
