@@ -46,6 +46,7 @@ from remem_common.protocol.pages import (
 )
 from remem_common.security import KeyFileError, Security
 from remem_common.wire import recv_frames, send_frames
+from remem_common.zmtp import ZmtpBusy, ZmtpDealer, ZmtpError
 
 from remem_client.metrics import MalformedReplies
 
@@ -67,6 +68,9 @@ _REQUEST_TYPE = {
 # messages of one page into a few of many (a 4 KiB randread batch grew from ~4 pages to ~16).
 # Two rather than one, so a reply's turn of the loop overlaps the next batch's trip.
 WINDOW = 1
+# Keep at most this many messages queued toward a server that is not reading: past it, sends
+# fail at once rather than buffering pages without bound.
+SEND_HWM = 256
 
 
 class ReplicaFailure(Exception):
@@ -166,27 +170,47 @@ class PageServerLink:
         self.volume = volume
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self._socket: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        # Keep at most this many messages queued toward a server that is not reading: past
-        # it, sends fail at once rather than buffering pages without bound.
-        self._socket.setsockopt(zmq.SNDHWM, 256)
-        try:
-            (security or Security.insecure()).client_socket(self._socket, server_key)
-        except KeyFileError:
-            self._socket.close(linger=0)
-            raise
-        self._socket.connect(endpoint)
-        fd = self._socket.getsockopt(zmq.FD)
-        assert isinstance(fd, int)
-        self._fd = fd
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._socket: zmq.Socket[bytes] | None = None
+        self._dealer: ZmtpDealer | None = None
+        if security is None or not security.enabled:
+            # Plaintext: ZMTP from this loop, without libzmq's I/O thread (see zmtp.py).
+            self._dealer = ZmtpDealer(
+                endpoint, self._on_reply, hwm=SEND_HWM, on_violation=self._on_violation
+            )
+        else:
+            self._socket = self._zmq_socket(context, security, server_key)
         self._ids = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self._in_flight = 0
         self.closed = False
+
+    def _zmq_socket(
+        self, context: zmq.Context[zmq.Socket[bytes]], security: Security, server_key: str | None
+    ) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        try:
+            security.client_socket(sock, server_key)
+        except KeyFileError:
+            sock.close(linger=0)
+            raise
+        sock.connect(self.endpoint)
+        fd = sock.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
+        self._loop.add_reader(fd, self._on_readable)
+        return sock
+
+    def _on_violation(self, exc: ZmtpError) -> None:
+        if self._malformed is not None:
+            # A ZMTP frame the server framed wrongly: counted with the replies whose frames
+            # are wrong.
+            self._malformed.count(
+                "pageserver", ProtocolError(ErrorCode.MALFORMED, str(exc), reason="bad_frames")
+            )
 
     # -- public operations: each returns the future of the batch the pages joined ----------
 
@@ -225,7 +249,11 @@ class PageServerLink:
         if self.closed:
             return
         self.closed = True
-        self._loop.remove_reader(self._fd)
+        if self._socket is not None:
+            self._loop.remove_reader(self._fd)
+            self._socket.close(linger=0)
+        if self._dealer is not None:
+            self._dealer.close()
         for future, timer in self._waiting.values():
             timer.cancel()
             if not future.done():
@@ -235,7 +263,6 @@ class PageServerLink:
             if batch.future is not None and not batch.future.done():
                 batch.future.set_exception(ReplicaFailure(self.server_id, "closed", "link closed"))
         self._open.clear()
-        self._socket.close(linger=0)
 
     # -- batching --------------------------------------------------------------------------
 
@@ -306,9 +333,14 @@ class PageServerLink:
         header = page_request_header(
             _REQUEST_TYPE[batch.op], msg_id, self.tenant, self.volume, batch.count
         )
+        frames = [DELIMITER, header, keys, *crcs_data]
         try:
-            send_frames(self._socket, [DELIMITER, header, keys, *crcs_data])
-        except zmq.ZMQError as exc:
+            if self._dealer is not None:
+                self._dealer.send(frames)
+            else:
+                assert self._socket is not None
+                send_frames(self._socket, frames)
+        except (zmq.ZMQError, ZmtpBusy) as exc:
             future.set_exception(
                 ReplicaFailure(self.server_id, ErrorCode.UNAVAILABLE, f"send failed: {exc}")
             )
@@ -316,9 +348,10 @@ class PageServerLink:
         timer = self._loop.call_later(self.timeout, self._expire, msg_id)
         self._waiting[msg_id] = (future, timer)
         self._in_flight += 1
-        # The ZeroMQ FD is edge-triggered and a send may have consumed the edge that says a
-        # reply is waiting: look once more from the loop.
-        self._loop.call_soon(self._on_readable)
+        if self._socket is not None:
+            # The ZeroMQ FD is edge-triggered and a send may have consumed the edge that
+            # says a reply is waiting: look once more from the loop.
+            self._loop.call_soon(self._on_readable)
 
     def _expire(self, msg_id: int) -> None:
         entry = self._waiting.pop(msg_id, None)
@@ -338,7 +371,7 @@ class PageServerLink:
     # -- replies ---------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self.closed:
+        if self.closed or self._socket is None:
             return
         while self._socket.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
             try:
@@ -348,6 +381,8 @@ class PageServerLink:
             self._on_reply(frames)
 
     def _on_reply(self, frames: list[Any]) -> None:
+        if self.closed:
+            return
         try:
             reply, payload = decode(frames, _ADAPTER)
         except ProtocolError as exc:
