@@ -62,6 +62,7 @@ from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 from remem_common.security import Security
 from remem_common.wire import recv_frames
+from remem_common.zmtp import ZmtpBusy, ZmtpDealer
 
 from remem_client.metrics import MalformedReplies
 
@@ -139,6 +140,7 @@ class MirrorLink:
         self.pages_read = 0
         self.failures = 0
         self._socket: zmq.Socket[bytes] | None = None
+        self._dealer: ZmtpDealer | None = None
         self._fd = -1
         self._open_socket()
         self.closed = False
@@ -146,6 +148,10 @@ class MirrorLink:
     # -- socket ----------------------------------------------------------------------------
 
     def _open_socket(self) -> None:
+        if not self._security.enabled:
+            # Plaintext: ZMTP from this loop, without libzmq's I/O thread (see zmtp.py).
+            self._dealer = ZmtpDealer(self.endpoint, self._on_reply, hwm=4 * MAX_IN_FLIGHT)
+            return
         sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4 * MAX_IN_FLIGHT)
@@ -158,6 +164,9 @@ class MirrorLink:
         self._loop.add_reader(fd, self._on_readable)
 
     def _close_socket(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close()
+            self._dealer = None
         if self._socket is not None:
             self._loop.remove_reader(self._fd)
             self._socket.close(linger=0)
@@ -211,17 +220,23 @@ class MirrorLink:
         return self._transmit(msg, *payload)
 
     def _transmit(self, msg: Any, *payload: Any) -> asyncio.Future[Any]:
-        if self.closed or self._socket is None:
+        if self.closed or (self._socket is None and self._dealer is None):
             raise MirrorFailure("mirror link closed")
         future: asyncio.Future[Any] = self._loop.create_future()
         try:
-            self._socket.send_multipart(encode(msg, *payload), flags=_NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
+            if self._dealer is not None:
+                self._dealer.send(encode(msg, *payload))
+            else:
+                assert self._socket is not None
+                self._socket.send_multipart(encode(msg, *payload), flags=_NOBLOCK, copy=False)
+        except (zmq.ZMQError, ZmtpBusy) as exc:
             raise MirrorFailure(f"send failed: {exc}") from exc
         timer = self._loop.call_later(self.timeout, self._expire, msg.msg_id)
         self._waiting[msg.msg_id] = (future, timer)
-        # The ZeroMQ FD is edge-triggered and a send may consume the edge of a waiting reply.
-        self._loop.call_soon(self._on_readable)
+        if self._socket is not None:
+            # The ZeroMQ FD is edge-triggered and a send may consume the edge of a waiting
+            # reply.
+            self._loop.call_soon(self._on_readable)
         return future
 
     async def _call(self, msg: Any, *payload: Any) -> Any:
