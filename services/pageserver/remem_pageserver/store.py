@@ -156,6 +156,10 @@ class PageStore:
         self._slots: npt.NDArray[np.void] = np.ndarray(
             (capacity_pages,), dtype=SLOT_DTYPE, buffer=self._mmap, offset=slots_offset
         )
+        # The two columns a GET gathers, as views made once (a structured field lookup costs
+        # a microsecond or two per call).
+        self._crc: U32Array = self._slots["crc"]
+        self._seal: PageArray = self._slots["seal"]
         self._data: PageArray = np.ndarray(
             (capacity_pages, PAGE_SIZE), dtype=np.uint8, buffer=self._mmap, offset=data_offset
         )
@@ -409,16 +413,14 @@ class PageStore:
         if found.all():
             # One gather copy out of the arena: the reply owns its bytes, so a later write
             # to the same page cannot change data already handed to the socket.
-            return GetResult(
-                found, self._slots["crc"][slots], self._data[slots], self._slots["seal"][slots]
-            )
+            return GetResult(found, self._crc[slots], self._data[slots], self._seal[slots])
         data = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
         crcs = np.zeros(count, dtype=np.uint32)
         seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)
         hit = slots[found]
         data[found] = self._data[hit]
-        crcs[found] = self._slots["crc"][hit]
-        seals[found] = self._slots["seal"][hit]
+        crcs[found] = self._crc[hit]
+        seals[found] = self._seal[hit]
         return GetResult(found, crcs, data, seals)
 
     def delete(self, tenant: str, volume: int, keys: KeyArray) -> int:
@@ -488,7 +490,7 @@ class PageStore:
     def close(self) -> None:
         """Flush and unmap the arena (the file stays for the next start)."""
         # Drop numpy views before closing the mmap they point into.
-        del self._slots, self._data, self._tenant_table
+        del self._slots, self._crc, self._seal, self._data, self._tenant_table
         self._mmap.flush()
         self._mmap.close()
         os.close(self._fd)
