@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 from remem_common.zmtp import (
@@ -257,3 +258,13 @@ def test_the_reader_hands_out_frames_that_later_reads_never_overwrite() -> None:
         kept += reader.advance(n)
     assert commands == [b"READY"]
     assert [bytes(frames[0]) for frames in kept] == bodies
+
+
+def test_a_strided_array_is_sent_as_its_bytes_in_order() -> None:
+    strided = np.arange(48, dtype=np.uint8).reshape(6, 8)[:, ::2]
+    reader = FrameReader(lambda name, props: None)
+    stream = GREETING + b"".join(bytes(p) for p in encode([strided, b"end"]))
+    buf = reader.buffer()
+    buf[: len(stream)] = stream
+    (message,) = reader.advance(len(stream))
+    assert [bytes(f) for f in message] == [strided.tobytes(), b"end"]

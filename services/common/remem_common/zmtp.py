@@ -100,7 +100,12 @@ def encode(frames: Sequence[Any]) -> list[Any]:
     out: list[Any] = []
     last = len(frames) - 1
     for index, frame in enumerate(frames):
-        body = frame if isinstance(frame, bytes) else memoryview(frame).cast("B")
+        if isinstance(frame, bytes):
+            body: Any = frame
+        else:
+            view = memoryview(frame)
+            # A strided view (never made on the hot path) is sent as a contiguous copy.
+            body = (view if view.c_contiguous else memoryview(bytes(view))).cast("B")
         size = len(body)
         more = _MORE if index < last else 0
         if size < 256:
