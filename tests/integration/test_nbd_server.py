@@ -76,6 +76,36 @@ class SuspendingBackend(MemoryBackend):
         await super().pwrite(offset, data, fua)
 
 
+class TaskFreeBackend(MemoryBackend):
+    """Eager and task_free (as the remote backend): suspends on futures and bare yields,
+    fails some requests only after suspending, and records whether a Task ran it."""
+
+    task_free = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.calls = 0
+        self.in_task = 0
+        self.fail_after_suspending: set[int] = set()
+
+    async def _suspend(self, offset: int) -> None:
+        self.calls += 1
+        if self.calls % 3:
+            await asyncio.sleep(0.001 * (self.calls % 2))  # a future, or a bare yield
+            await asyncio.wait_for(asyncio.sleep(0), 5)  # needs no current task
+        self.in_task += asyncio.current_task() is not None
+        if offset in self.fail_after_suspending:
+            raise BackendError(errno.EIO, "replica lost while waiting")
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await self._suspend(offset)
+        return await super().pread(offset, length)
+
+    async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        await self._suspend(offset)
+        await super().pwrite(offset, data, fua)
+
+
 class FailingBackend(MemoryBackend):
     """Raises what `failure` maps an offset to (errno or exception instance)."""
 
@@ -162,6 +192,30 @@ async def test_eager_backend_that_suspends_keeps_every_payload_intact(
 
         await in_thread(run)
     assert backend.tasks_seen > 30
+
+
+async def test_a_task_free_backend_is_driven_to_the_end_without_tasks(tmp_path: Path) -> None:
+    backend = TaskFreeBackend(SIZE)
+    backend.fail_after_suspending = {7 * 5000}
+    async with serving(backend, tmp_path) as (_server, path, _registry):
+
+        def run() -> None:
+            with RawNbd.unix(path).connect(structured=True) as client:
+                for i in range(64):
+                    client.request(wire.Cmd.WRITE, i, i * 5000, 3000, 0, pattern(i, 3000))
+                replies = {r.handle: r.error for r in (client.reply() for _ in range(64))}
+                assert replies.pop(7) == errno.EIO
+                assert set(replies.values()) == {0}
+                for i in range(64):
+                    client.request(wire.Cmd.READ, i, i * 5000, 3000, 0)
+                reads = {r.handle: r for r in (client.reply() for _ in range(64))}
+                assert reads[7].error == errno.EIO
+                for i in set(range(64)) - {7}:
+                    assert reads[i].error == 0 and reads[i].data == pattern(i, 3000), i
+                client.disconnect()
+
+        await in_thread(run)
+    assert backend.calls == 128 and backend.in_task == 0
 
 
 async def test_backend_errors_become_nbd_errors(tmp_path: Path) -> None:
