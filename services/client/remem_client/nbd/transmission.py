@@ -201,6 +201,11 @@ async def _continue(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
     return await _Continue(coro, first)
 
 
+# What answering a request needs: cmd, flags, handle, offset, length, t0 and the payload
+# buffer it holds (see NbdConnection._done).
+_Request = tuple[int, int, int, int, int, float, "_RxBuffer | bytearray | None"]
+
+
 class _Driven:
     """A suspended request of a `task_free` backend, driven without a Task: each future it
     waits on resumes it straight from its done callback.
@@ -215,20 +220,11 @@ class _Driven:
     __slots__ = ("_args", "_conn", "_coro", "_step_cb")
 
     def __init__(
-        self,
-        conn: NbdConnection,
-        coro: Coroutine[Any, Any, Any],
-        cmd: int,
-        flags: int,
-        handle: int,
-        offset: int,
-        length: int,
-        t0: float,
-        owner: _RxBuffer | bytearray | None,
+        self, conn: NbdConnection, coro: Coroutine[Any, Any, Any], request: _Request
     ) -> None:
         self._conn = conn
         self._coro = coro
-        self._args = (cmd, flags, handle, offset, length, t0, owner)
+        self._args = request
         self._step_cb = self._step
 
     def wait(self, yielded: Any) -> None:
@@ -253,7 +249,7 @@ class _Driven:
     def _finish(self, result: Any, exc: BaseException | None) -> None:
         if exc is not None:
             self._coro.close()
-        self._conn._done(*self._args, result, exc)
+        self._conn._done(self._args, result, exc)
 
 
 async def _then_flush(first: Coroutine[Any, Any, None], backend: Backend) -> None:
@@ -691,7 +687,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             if self._task_free:
                 self._track(owner)
-                _Driven(self, coro, cmd, flags, handle, offset, length, t0, owner).wait(yielded)
+                request = (cmd, flags, handle, offset, length, t0, owner)
+                _Driven(self, coro, request).wait(yielded)
                 return
             task = self._loop.create_task(_continue(coro, yielded))
         else:
@@ -699,7 +696,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._tasks.add(task)
         self._track(owner)
         task.add_done_callback(
-            partial(self._task_done, cmd, flags, handle, offset, length, t0, owner)
+            partial(self._task_done, (cmd, flags, handle, offset, length, t0, owner))
         )
 
     def _track(self, owner: _RxBuffer | bytearray | None) -> None:
@@ -716,40 +713,24 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._inflight >= MAX_INFLIGHT or self._held >= MAX_HELD_BYTES:
             self._pause(_PAUSE_INFLIGHT)
 
-    def _task_done(
-        self,
-        cmd: int,
-        flags: int,
-        handle: int,
-        offset: int,
-        length: int,
-        t0: float,
-        owner: _RxBuffer | bytearray | None,
-        task: asyncio.Task[Any],
-    ) -> None:
+    def _task_done(self, request: _Request, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
-            self._done(cmd, flags, handle, offset, length, t0, owner, None, None, cancelled=True)
+            self._done(request, None, None, cancelled=True)
         else:
             exc = task.exception()
-            result = task.result() if exc is None else None
-            self._done(cmd, flags, handle, offset, length, t0, owner, result, exc)
+            self._done(request, task.result() if exc is None else None, exc)
 
     def _done(
         self,
-        cmd: int,
-        flags: int,
-        handle: int,
-        offset: int,
-        length: int,
-        t0: float,
-        owner: _RxBuffer | bytearray | None,
+        request: _Request,
         result: Any,
         exc: BaseException | None,
         *,
         cancelled: bool = False,
     ) -> None:
         """A suspended request finished: answer it and release what it held."""
+        cmd, flags, handle, offset, length, t0, owner = request
         self._inflight -= 1
         self._stats.inflight -= 1
         self._release(owner, True)
