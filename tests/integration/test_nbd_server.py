@@ -87,6 +87,7 @@ class TaskFreeBackend(MemoryBackend):
         self.calls = 0
         self.in_task = 0
         self.fail_after_suspending: set[int] = set()
+        self.cancelled_while_waiting: set[int] = set()
 
     async def _suspend(self, offset: int) -> None:
         self.calls += 1
@@ -96,6 +97,10 @@ class TaskFreeBackend(MemoryBackend):
         self.in_task += asyncio.current_task() is not None
         if offset in self.fail_after_suspending:
             raise BackendError(errno.EIO, "replica lost while waiting")
+        if offset in self.cancelled_while_waiting:
+            waited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(waited.cancel)
+            await waited
 
     async def pread(self, offset: int, length: int) -> bytes:
         await self._suspend(offset)
@@ -197,6 +202,7 @@ async def test_eager_backend_that_suspends_keeps_every_payload_intact(
 async def test_a_task_free_backend_is_driven_to_the_end_without_tasks(tmp_path: Path) -> None:
     backend = TaskFreeBackend(SIZE)
     backend.fail_after_suspending = {7 * 5000}
+    backend.cancelled_while_waiting = {9 * 5000}  # answered as a cancelled Task would be
     async with serving(backend, tmp_path) as (_server, path, _registry):
 
         def run() -> None:
@@ -205,12 +211,14 @@ async def test_a_task_free_backend_is_driven_to_the_end_without_tasks(tmp_path: 
                     client.request(wire.Cmd.WRITE, i, i * 5000, 3000, 0, pattern(i, 3000))
                 replies = {r.handle: r.error for r in (client.reply() for _ in range(64))}
                 assert replies.pop(7) == errno.EIO
+                assert replies.pop(9) == errno.ESHUTDOWN
                 assert set(replies.values()) == {0}
                 for i in range(64):
                     client.request(wire.Cmd.READ, i, i * 5000, 3000, 0)
                 reads = {r.handle: r for r in (client.reply() for _ in range(64))}
                 assert reads[7].error == errno.EIO
-                for i in set(range(64)) - {7}:
+                assert reads[9].error == errno.ESHUTDOWN
+                for i in set(range(64)) - {7, 9}:
                     assert reads[i].error == 0 and reads[i].data == pattern(i, 3000), i
                 client.disconnect()
 

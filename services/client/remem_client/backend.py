@@ -33,7 +33,8 @@ Optional attributes, read with `getattr(backend, name, False)`:
   awaited future resuming them from its done callback; for backends that nearly always
   suspend (a Task costs about a tenth of a remote 4 KiB read). `asyncio.current_task()` is
   None throughout, so such a backend must never use `asyncio.timeout()` or anything else
-  that needs a current task; `asyncio.wait_for` and `asyncio.wait` are fine.
+  that needs a current task, `asyncio.wait_for` included (Python 3.12 builds it on
+  `asyncio.timeout()`): time out with `loop.call_later`. `asyncio.wait` is fine.
 """
 
 from __future__ import annotations

@@ -121,14 +121,21 @@ class PlacementClient:
     # -- requests --------------------------------------------------------------------------
 
     async def _call(self, msg: BaseModel, msg_id: int) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._waiting[msg_id] = future
+        timer: asyncio.TimerHandle | None = None
         try:
             await self._socket.send_multipart(encode(msg))
-            reply = await asyncio.wait_for(future, self.timeout)
+            # A timer, not asyncio.wait_for: the NBD layer runs the remote backend's requests
+            # without a Task (`task_free`), and from Python 3.12 wait_for needs one.
+            timer = loop.call_later(self.timeout, _time_out, future)
+            reply = await future
         except TimeoutError:
             raise PlacementError("timeout", f"placement {self.endpoint} did not answer") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiting.pop(msg_id, None)
         if isinstance(reply, ErrorReply):
             raise PlacementError(reply.error_code, reply.detail)
@@ -262,3 +269,8 @@ class PlacementClient:
                 await self.refresh_map()
             except PlacementError as exc:
                 log.debug("map poll failed: %s", exc)
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

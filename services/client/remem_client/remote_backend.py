@@ -1055,8 +1055,12 @@ class RemoteBackend:
                 pages, seals = self.sealer.seal(first, pages)
             except (SealingError, OSError) as exc:  # the nonce state could not be advanced
                 raise BackendError(errno.EIO, f"cannot seal pages: {exc}") from exc
-        else:
-            seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)  # --no-encrypt-pages
+        else:  # --no-encrypt-pages
+            # The replicas' messages must own their bytes, as the sealed ciphertext does: one
+            # for a replica that timed out may still wait on its link after this request
+            # returns and the NBD layer reuses the payload buffer.
+            pages = pages.copy()
+            seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)
         crcs = checksum_pages(pages)
         waits: list[tuple[int, int, int, list[tuple[Replica, asyncio.Future[Any] | None]]]] = []
         writing: list[int] = []

@@ -208,6 +208,9 @@ class ZmtpDealer:
     high-water mark (a peer not reading), as a libzmq DEALER does; past that it raises
     ZmtpBusy. Every complete message received goes to `on_message`. Messages written to a
     connection that is then lost are lost: the caller's timeouts handle them, as with libzmq.
+
+    Frames are sent without a copy: the buffers passed to `send` must not change until the
+    message is written, which may be after `send` returns (queued, or a paused socket).
     """
 
     def __init__(

@@ -241,6 +241,8 @@ class _Driven:
             yielded = self._coro.send(None)
         except StopIteration as stop:
             self._finish(stop.value, None)
+        except asyncio.CancelledError:  # a future it awaited was cancelled: as a Task would
+            self._conn._done(self._args, None, None, cancelled=True)
         except Exception as exc:
             self._finish(None, exc)
         else:
