@@ -91,26 +91,22 @@ def _whole_run(
 
     `sealed`: the caller authenticates every page (AES-GCM) before using it, which catches
     whatever a checksum would, so small runs skip the checksums (~1 us a page)."""
+    data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
     if count <= FAST_PAGES:
         if result.found_raw[start : start + count] != _ONES[count]:
             return None
-        if sealed:
-            return (
-                result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE],
-                result.seal_raw[start * SEAL_BYTES : (start + count) * SEAL_BYTES],
-            )
-        crcs = _CRCS[count].unpack_from(result.crc_raw, 4 * start)
-        data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
-        for index in range(count):  # plain Python: numpy's per-call cost dominates here
-            if crc32c.crc32c(data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]) != crcs[index]:
-                return None
+        if not sealed:
+            crcs = _CRCS[count].unpack_from(result.crc_raw, 4 * start)
+            for index in range(count):  # plain Python: numpy's per-call cost dominates here
+                page = data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+                if crc32c.crc32c(page) != crcs[index]:
+                    return None
     else:
         if not result.found[start : start + count].all():
             return None
         rows = result.data[start : start + count]
         if not np.array_equal(checksum_pages(rows), result.crcs[start : start + count]):
             return None
-        data = result.data_raw[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
     return data, result.seal_raw[start * SEAL_BYTES : (start + count) * SEAL_BYTES]
 
 
