@@ -144,8 +144,9 @@ class Cluster:
     def make_socket_dir(self) -> None:
         """STATE_DIR/zmq, mode 0700; a private folder under /tmp instead if a socket path
         there would be too long for a Unix socket."""
-        longest = max(len(f"{n}.sock") for n in (*self.names(), "placement"))
-        if len(str(self.socket_dir)) + 1 + longest > IPC_PATH_MAX:
+        # The last page server's name is the longest ("placement" and "mirror" are shorter).
+        longest = self.listen_endpoint(f"pageserver-{self.config.pageservers - 1}")
+        if len(longest.removeprefix("ipc://")) > IPC_PATH_MAX:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="remem-up-"))  # mode 0700
             self.own_socket_dir = True
             log.info(
@@ -156,11 +157,6 @@ class Cluster:
             return
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         self.socket_dir.chmod(0o700)  # also when an older run left it more open
-
-    def names(self) -> list[str]:
-        """The processes this cluster runs."""
-        names = ["placement", *(f"pageserver-{i}" for i in range(self.config.pageservers))]
-        return [*names, "mirror", "client"] if self.config.mirror else [*names, "client"]
 
     def make_keys(self) -> None:
         """A keypair per process in STATE_DIR/keys, made once and reused by later runs."""
