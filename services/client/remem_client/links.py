@@ -45,7 +45,7 @@ from remem_common.protocol.pages import (
     unpack_seals,
 )
 from remem_common.security import KeyFileError, Security
-from remem_common.wire import recv_frames, send_frames
+from remem_common.wire import has_message, recv_frames, send_frames
 from remem_common.zmtp import ZmtpBusy, ZmtpDealer, ZmtpError
 
 from remem_client.metrics import MalformedReplies
@@ -53,9 +53,6 @@ from remem_client.metrics import MalformedReplies
 log = logging.getLogger("client.links")
 # pyzmq's flags are IntFlag enums: every `|`, `&` or call builds enum objects (26k calls for
 # 2k reads in a profile). Plain ints on the hot path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _ADAPTER: TypeAdapter[AnyReply] = REPLY_ADAPTER
 _REQUEST_TYPE = {
     "get": GetPagesRequest.model_fields["type"].default,
@@ -373,7 +370,7 @@ class PageServerLink:
     def _on_readable(self) -> None:
         if self.closed or self._socket is None:
             return
-        while self._socket.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+        while has_message(self._socket):
             try:
                 frames = recv_frames(self._socket)
             except zmq.Again:

@@ -61,15 +61,12 @@ from remem_common.protocol.client_mirror import (
 from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 from remem_common.security import Security
-from remem_common.wire import recv_frames
+from remem_common.wire import NOBLOCK, has_message, recv_frames
 from remem_common.zmtp import ZmtpBusy, ZmtpDealer
 
 from remem_client.metrics import MalformedReplies
 
 log = logging.getLogger("client.mirror")
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 # Seconds between attempts to reach a mirror that stopped answering.
 RETRY_AFTER = 2.0
 # Requests in flight at most: past it, write_behind waits like for a full cache. Keeps the
@@ -228,7 +225,7 @@ class MirrorLink:
                 self._dealer.send(encode(msg, *payload))
             else:
                 assert self._socket is not None
-                self._socket.send_multipart(encode(msg, *payload), flags=_NOBLOCK, copy=False)
+                self._socket.send_multipart(encode(msg, *payload), flags=NOBLOCK, copy=False)
         except (zmq.ZMQError, ZmtpBusy) as exc:
             raise MirrorFailure(f"send failed: {exc}") from exc
         timer = self._loop.call_later(self.timeout, self._expire, msg.msg_id)
@@ -448,7 +445,7 @@ class MirrorLink:
         sock = self._socket
         if sock is None:
             return
-        while sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+        while has_message(sock):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:

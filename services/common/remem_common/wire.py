@@ -17,6 +17,14 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def has_message(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message is waiting. libzmq's FD is edge-triggered, so a loop driven by it
+    asks this until False after every wake-up (and after a send, which may take the edge)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:

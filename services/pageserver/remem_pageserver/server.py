@@ -67,7 +67,7 @@ from remem_common.security import (
     Security,
     permits,
 )
-from remem_common.wire import recv_frames, send_frames
+from remem_common.wire import has_message, recv_frames, send_frames
 
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
@@ -245,10 +245,6 @@ class PlacementLink:
             self.socket.close(linger=0)
 
 
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-
-
 class PageServer:
     """Serves one arena on one ROUTER socket until asked to stop."""
 
@@ -404,7 +400,7 @@ class PageServer:
         router = self.router
         # Asking EVENTS first: a zmq.Again raised at the end of every burst cost ~3% of a
         # one-page GET's CPU (exception and enum objects).
-        while handled < MAX_BURST and router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+        while handled < MAX_BURST and has_message(router):
             try:
                 frames = recv_frames(router)
             except zmq.Again:
