@@ -19,7 +19,8 @@ import zmq
 from remem_client.backend import BackendError
 from remem_client.mirror_link import MirrorLink
 from remem_client.readahead import read_ahead_of
-from remem_client.remote_backend import RemoteBackend, Replica
+from remem_client.remote.backend import RemoteBackend
+from remem_client.remote.slabmap import Replica
 from remem_client.sealing import open_page_sealer
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES, SLAB_PAGES
 from remem_common.testing import ServiceProcess, start_service

@@ -2,22 +2,25 @@
 
 Placement is off the data path: it is asked once per slab (the first write), polled for map
 changes once a second and at once after a replica failed, and told about failures. Its
-answers are applied to the remote backend's slab map, so a replica placement declared dead
-is never read again and a re-replicated slab's new replica gets every later write.
+answers are applied to the remote backend's slab map (`remote.slabmap`), so a replica
+placement declared dead is never read again and a re-replicated slab's new replica gets
+every later write.
+
+The socket is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve),
+its requests a `dealer.PendingRequests`: each request waits on a future that a reply or its
+expiry timer resolves. A timer, not asyncio.wait_for: the NBD layer runs the remote
+backend's requests without a Task (`task_free`), and from Python 3.12 wait_for needs one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import zmq
-import zmq.asyncio
-from pydantic import BaseModel, Field, TypeAdapter
-from remem_common.framing import decode, encode
+from pydantic import Field, TypeAdapter
+from remem_common.framing import encode
 from remem_common.protocol.client_placement import (
     AllocateSlabReply,
     AllocateSlabRequest,
@@ -27,11 +30,16 @@ from remem_common.protocol.client_placement import (
     ReportFailureReply,
     ReportFailureRequest,
 )
-from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
+from remem_common.protocol.envelope import ErrorCode, ErrorReply, Request
 from remem_common.security import Security
 
-from remem_client.metrics import MalformedReplies
-from remem_client.remote_backend import RemoteBackend, Replica
+from remem_client.dealer import DealerBusy, PendingRequests, open_dealer
+from remem_client.remote.slabmap import Replica, SlabMap
+
+if TYPE_CHECKING:
+    import zmq
+
+    from remem_client.metrics import MalformedReplies
 
 log = logging.getLogger("client.placement")
 
@@ -40,6 +48,10 @@ PlacementReply = Annotated[
     Field(discriminator="type"),
 ]
 REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementReply)
+# Requests queued toward a placement that does not take them (libzmq's default high-water
+# mark, which this link had before it had a dealer of its own): past it a request fails at
+# once, as `unavailable`.
+SEND_HWM = 1000
 
 
 class PlacementError(Exception):
@@ -56,7 +68,7 @@ def _replicas(refs: list[ReplicaRef]) -> list[Replica]:
 
 
 class PlacementClient:
-    """Implements `remote_backend.SlabPlacement` over placement's ROUTER."""
+    """Implements `remote.slabmap.SlabPlacement` over placement's ROUTER."""
 
     def __init__(
         self,
@@ -73,32 +85,43 @@ class PlacementClient:
         server_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._malformed = malformed
         self.tenant = tenant
         self.volume = volume
         self.replicas = replicas
         self.timeout = timeout
         self.poll_interval = poll_interval
-        self._async_context = zmq.asyncio.Context.shadow(context.underlying)
-        self._socket = self._async_context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        (security or Security.insecure()).client_socket(self._socket, server_key)
-        self._socket.connect(endpoint)
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._pending: PendingRequests[PlacementReply] = PendingRequests(
+            REPLY_ADAPTER,
+            peer="placement",
+            name=f"placement {endpoint}",
+            timeout=timeout,
+            on_expire=self._expired,
+            malformed=malformed,
+        )
+        self._next_id = self._pending.next_id
+        self._dealer = open_dealer(
+            endpoint,
+            self._on_reply,
+            context=context,
+            security=security,
+            server_key=server_key,
+            hwm=SEND_HWM,
+            on_violation=self._pending.violation,
+        )
+        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._backend: RemoteBackend | None = None
+        self._slabs: SlabMap | None = None
         self._refresh = asyncio.Event()
         self.epoch = 0
         self.degraded: list[int] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, backend: RemoteBackend) -> None:
-        """Begin reading replies and polling the map; adopt the map placement has now (so a
-        restarted client serves the slabs it had)."""
-        self._backend = backend
-        self._spawn(self._read_replies())
+    async def start(self, slabs: SlabMap) -> None:
+        """Adopt the map placement has now (so a restarted client serves the slabs it had)
+        and begin polling it."""
+        self._slabs = slabs
         try:
             await self.refresh_map()
         except PlacementError as exc:
@@ -111,7 +134,9 @@ class PlacementClient:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._socket.close(linger=0)
+        self._closed = True
+        self._pending.fail_all(lambda: PlacementError("closed", "placement link closed"))
+        self._dealer.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -120,55 +145,48 @@ class PlacementClient:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _call(self, msg: BaseModel, msg_id: int) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting[msg_id] = future
-        timer: asyncio.TimerHandle | None = None
+    async def _call(self, msg: Request) -> Any:
+        """Send `msg` and return its reply; raises PlacementError for an error reply, a
+        timeout (code "timeout"), a full queue (unavailable) or a closed link."""
+        if self._closed:
+            raise PlacementError("closed", "placement link closed")
         try:
-            await self._socket.send_multipart(encode(msg))
-            # A timer, not asyncio.wait_for: the NBD layer runs the remote backend's requests
-            # without a Task (`task_free`), and from Python 3.12 wait_for needs one.
-            timer = loop.call_later(self.timeout, _time_out, future)
+            self._dealer.send(encode(msg))
+        except DealerBusy as exc:
+            raise PlacementError(ErrorCode.UNAVAILABLE, f"cannot send: {exc}") from None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.add(msg.msg_id, future)
+        try:
             reply = await future
-        except TimeoutError:
-            raise PlacementError("timeout", f"placement {self.endpoint} did not answer") from None
         finally:
-            if timer is not None:
-                timer.cancel()
-            self._waiting.pop(msg_id, None)
+            self._pending.discard(msg.msg_id)  # a caller that gave up (cancelled)
         if isinstance(reply, ErrorReply):
             raise PlacementError(reply.error_code, reply.detail)
         return reply
 
-    async def _read_replies(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
-            try:
-                reply, _ = decode(frames, REPLY_ADAPTER)
-            except ProtocolError as exc:
-                log.warning("malformed reply from placement: %s", exc.detail)
-                if self._malformed is not None:
-                    self._malformed.count("placement", exc)
-                continue
-            future = self._waiting.get(reply.parent_id)
-            if future is not None and not future.done():
-                future.set_result(reply)
+    def _expired(self, future: asyncio.Future[Any]) -> None:
+        if not future.done():
+            future.set_exception(
+                PlacementError("timeout", f"placement {self.endpoint} did not answer")
+            )
+
+    def _on_reply(self, frames: list[Any]) -> None:
+        taken = self._pending.take(frames)
+        if taken is not None and not taken[2].done():
+            taken[2].set_result(taken[0])
 
     async def allocate(self, slab: int) -> list[Replica]:
         """Replicas of `slab`; retried while placement is rebuilding after a restart."""
         for _ in range(30):
-            msg_id = next(self._ids)
             try:
                 reply = await self._call(
                     AllocateSlabRequest(
-                        msg_id=msg_id,
+                        msg_id=self._next_id(),
                         tenant=self.tenant,
                         volume=self.volume,
                         slab=slab,
                         replicas=self.replicas,
-                    ),
-                    msg_id,
+                    )
                 )
             except PlacementError as exc:
                 if exc.code in (ErrorCode.UNAVAILABLE, "timeout"):
@@ -186,10 +204,8 @@ class PlacementClient:
                     len(reply.replicas),
                     self.replicas,
                 )
-            if self._backend is not None and reply.filling:
-                self._backend.set_replicas(
-                    slab, _replicas(reply.replicas), _replicas(reply.filling)
-                )
+            if self._slabs is not None and reply.filling:
+                self._slabs.set_replicas(slab, _replicas(reply.replicas), _replicas(reply.filling))
             return _replicas(reply.replicas)
         raise PlacementError(ErrorCode.UNAVAILABLE, "placement stayed unavailable")
 
@@ -200,23 +216,21 @@ class PlacementClient:
         self._spawn(self._report(server_id, slab, detail, missed_write))
 
     async def _report(self, server_id: str, slab: int, detail: str, missed_write: bool) -> None:
-        msg_id = next(self._ids)
         try:
             reply = await self._call(
                 ReportFailureRequest(
-                    msg_id=msg_id,
+                    msg_id=self._next_id(),
                     tenant=self.tenant,
                     volume=self.volume,
                     slab=slab,
                     server_id=server_id,
                     detail=detail[:512],
                     missed_write=missed_write,
-                ),
-                msg_id,
+                )
             )
             log.info("reported %s to placement: now %s", server_id, reply.server_state)
-            if missed_write and self._backend is not None:
-                self._backend.stale_reported(server_id, slab, reply.epoch)
+            if missed_write and self._slabs is not None:
+                self._slabs.stale_reported(server_id, slab, reply.epoch)
         except PlacementError as exc:
             log.warning("could not report %s to placement: %s", server_id, exc)
         self._refresh.set()
@@ -225,15 +239,16 @@ class PlacementClient:
 
     async def refresh_map(self) -> None:
         """Fetch the volume's map if it changed since the last one applied, and apply it."""
-        msg_id = next(self._ids)
         reply = await self._call(
             GetMapRequest(
-                msg_id=msg_id, tenant=self.tenant, volume=self.volume, since_epoch=self.epoch
-            ),
-            msg_id,
+                msg_id=self._next_id(),
+                tenant=self.tenant,
+                volume=self.volume,
+                since_epoch=self.epoch,
+            )
         )
         assert isinstance(reply, GetMapReply)
-        if not reply.changed or self._backend is None:
+        if not reply.changed or self._slabs is None:
             self.epoch = max(self.epoch, reply.epoch)
             return
 
@@ -241,18 +256,18 @@ class PlacementClient:
             return Replica(sid, reply.servers[sid], reply.server_keys.get(sid))
 
         for slab, replica_ids, filling_ids in reply.slabs:
-            if slab >= self._backend.slab_count:
+            if slab >= self._slabs.slab_count:
                 continue
-            self._backend.set_replicas(
+            self._slabs.set_replicas(
                 slab,
                 [replica(sid) for sid in replica_ids if sid in reply.servers],
                 [replica(sid) for sid in filling_ids if sid in reply.servers],
                 adopted=True,
             )
-        self._backend.keep_only_servers(set(reply.servers))
+        self._slabs.keep_only_servers(set(reply.servers))
         self.degraded = list(reply.degraded)
         self.epoch = reply.epoch
-        self._backend.map_applied(reply.epoch)
+        self._slabs.map_applied(reply.epoch)
         log.info(
             "applied slab map epoch=%d slabs=%d degraded=%d",
             reply.epoch,
@@ -269,8 +284,3 @@ class PlacementClient:
                 await self.refresh_map()
             except PlacementError as exc:
                 log.debug("map poll failed: %s", exc)
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())

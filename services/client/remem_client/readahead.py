@@ -19,13 +19,19 @@ in flight that cover it stale, so their pages are never kept: a fetch that read 
 while a write was landing cannot leave the old bytes behind.
 
 Memory: the ring is allocated once, at start, and never grows.
+
+Two parts: `ReadAhead`, the ring and its streams (no I/O), and `ReadAheadFilter`, which sits
+in front of a backend's reads the way nbdkit's readahead filter sits in front of a plugin,
+and reaches the backend only through a narrow `SealedPages` source: fetch pages sealed,
+open them, and say which are written.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from remem_common.protocol.pages import PAGE_SIZE, SEAL_BYTES, PageArray
@@ -200,3 +206,109 @@ def read_ahead_of(nbytes: int) -> ReadAhead | None:
     if capacity < 1:
         return None
     return ReadAhead(capacity=capacity, window=min(MAX_WINDOW, max(1, capacity // 4)))
+
+
+class SealedPages(Protocol):
+    """What read-ahead needs of the backend beneath it (the remote backend's replica reads)."""
+
+    def written_prefix(self, first: int, count: int) -> int:
+        """How many pages from `first` on (of at most `count`) are known written."""
+        ...
+
+    async def fetch_sealed(self, first: int, count: int) -> tuple[Any, Any]:
+        """Pages [first, first + count) of one slab as stored, sealed, with their seals
+        ((count, 4096) and (count, 28) arrays), or (None, None): a guess, so nothing fails
+        over or is reported."""
+        ...
+
+    def open_sealed(self, first: int, count: int, data: Any, seals: Any) -> memoryview | None:
+        """The plaintext of pages of one slab, or None if one fails authentication."""
+        ...
+
+
+class ReadAheadFilter:
+    """Read-ahead in front of a backend's reads, over a `SealedPages` source.
+
+    A read asks `lookup` (and, on a miss, waits for a `pending` fetch and looks again),
+    then tells `follow`, which fetches the next window of a sequential stream; every change
+    runs inside `changing`. With `ring` None (read-ahead off) `lookup` must not be called
+    and the rest does nothing."""
+
+    def __init__(
+        self, source: SealedPages, *, page_count: int, boundary: int, ring: ReadAhead | None
+    ) -> None:
+        self.ring = ring
+        self._source = source
+        self._page_count = page_count
+        self._boundary = boundary  # a window never crosses a multiple of it (a slab)
+        self._fetching: set[asyncio.Task[None]] = set()
+
+    def lookup(self, first: int, count: int, *, waited: bool = False) -> memoryview | None:
+        """Plaintext of pages [first, first + count) if the ring holds them all, else None
+        (the read takes the usual path); `waited`: the read waited for their fetch.
+
+        A hit that spans two slabs is left to the usual path; one that fails
+        authentication too, and the ring drops its pages."""
+        ring = self.ring
+        assert ring is not None
+        hit = ring.lookup(first, count)
+        if hit is None:
+            return None
+        if waited:
+            ring.waited += count
+        if (first + count - 1) // self._boundary != first // self._boundary:
+            return None
+        plain = self._source.open_sealed(first, count, *hit)
+        if plain is None:
+            ring.forget(first, first + count)
+        return plain
+
+    def pending(self, first: int, count: int) -> asyncio.Future[None] | None:
+        """The fetch in flight that covers pages [first, first + count), if any: wait for it
+        with `asyncio.wait`, not `await` (cancelling the reader must not cancel it)."""
+        return None if self.ring is None else self.ring.pending(first, count)
+
+    def follow(self, first: int, count: int) -> None:
+        """After a read of [first, first + count): fetch the next window if reads stream."""
+        ring = self.ring
+        if ring is None:
+            return
+        window = ring.next_window(first, count, self._page_count, self._boundary)
+        if window is None:
+            return
+        # Only pages known written: the rest read as zeros without asking anyone, and on a
+        # slab adopted after a restart a replica lacking a page that was never written is
+        # no failure worth reporting for a guess.
+        start = window[0]
+        written = self._source.written_prefix(start, window[1] - start)
+        if written:
+            fetch = ring.begin(start, start + written)
+            task = asyncio.ensure_future(self._fetch(ring, fetch))
+            self._fetching.add(task)
+            task.add_done_callback(self._fetching.discard)
+
+    async def _fetch(self, ring: ReadAhead, fetch: Fetch) -> None:
+        pages = seals = None
+        try:
+            pages, seals = await self._source.fetch_sealed(fetch.first, fetch.end - fetch.first)
+        finally:
+            ring.finish(fetch, pages, seals)
+
+    async def changing(self, offset: int, length: int, change: Awaitable[None]) -> None:
+        """Run a write, trim or zeroing of bytes [offset, offset + length), its pages
+        dropped from the ring before and after: a fetch that read the replicas while the
+        change was landing is not kept."""
+        self._forget(offset, length)
+        try:
+            await change
+        finally:
+            self._forget(offset, length)
+
+    def _forget(self, offset: int, length: int) -> None:
+        if self.ring is not None:
+            self.ring.forget(offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE))
+
+    def close(self) -> None:
+        """Cancel the fetches in flight (guesses: nobody waits for them but readers)."""
+        for task in list(self._fetching):
+            task.cancel()

@@ -68,7 +68,7 @@ async def make_backend(config: ClientConfig, registry: CollectorRegistry) -> Bac
         except OSError as exc:
             raise StartupError(f"cannot allocate {int(config.size)} bytes: {exc}") from exc
     if config.backend == "remote":
-        from remem_client.remote import open_remote
+        from remem_client.remote.assembly import open_remote
 
         return await open_remote(config, registry)
     raise StartupError(f"unknown backend {config.backend!r}")

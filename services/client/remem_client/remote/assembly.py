@@ -1,4 +1,4 @@
-"""Assemble the remote backend: placement link, page server links, and their metrics.
+"""Assemble the remote backend: placement link, mirror link, page server links, metrics.
 
 Kept apart from `server.py` so the NBD service stays transport-agnostic: `open_remote`
 returns a `Backend` whose `close()` also closes the placement link and the ZeroMQ context.
@@ -19,7 +19,7 @@ from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_client import PlacementClient
 from remem_client.readahead import read_ahead_of
-from remem_client.remote_backend import RemoteBackend
+from remem_client.remote.backend import RemoteBackend
 from remem_client.sealing import PageSealer, SealingError, open_page_sealer
 from remem_client.server import StartupError
 
@@ -87,6 +87,15 @@ class _RemoteCollector(Collector):
             for (peer, reason), count in list(self._backend.malformed.counts.items()):
                 malformed.add_metric([peer, reason], count)
             yield malformed
+            late = CounterMetricFamily(
+                "client_late_replies",
+                "Replies from a page server, placement or the mirror to a request no longer "
+                "waiting (it timed out, or its caller gave up), dropped",
+                labels=["peer"],
+            )
+            for peer, count in list(self._backend.malformed.late.items()):
+                late.add_metric([peer], count)
+            yield late
         yield CounterMetricFamily(
             "client_page_auth_failures_total",
             "Pages read whose checksum matched but whose AES-GCM tag did not (altered or "
@@ -239,7 +248,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         except MirrorMismatch as exc:
             await backend.close()
             raise StartupError(str(exc)) from exc
-    await placement.start(backend)
+    await placement.start(backend.slabs)
     if mirror is not None and mirror.incomplete and not backend.written_anywhere():
         # Nothing to copy (a new volume): trims only, done before serving, so a new client
         # has a mirror that serves page-ins from its first write.
