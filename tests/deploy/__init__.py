@@ -1,0 +1,1 @@
+"""Deployment checks (`make deploy-check`): images, compose, chart, alerts, dashboard, units."""
