@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, cast
 
-from remem_common.config import EXIT_CONFIG_ERROR
+from remem_common.config import EXIT_CONFIG_ERROR, DefaultsHelpFormatter
 from remem_common.protocol.client_pageserver import TENANT_PATTERN
 from remem_common.security import ROLES, Role, write_keypair
 
@@ -29,7 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Write NAME.key and NAME.key_secret; returns the exit status."""
-    parser = _Parser(prog="remem keys", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser = _Parser(
+        prog="remem keys",
+        description=__doc__.splitlines()[0] if __doc__ else "",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("name", help="file name of the pair, e.g. pageserver-0 or tenant-a")
     parser.add_argument("--dir", type=Path, required=True, help="folder to write the pair to")
     parser.add_argument("--role", choices=ROLES, default="client", help="what the key may do")

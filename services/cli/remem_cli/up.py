@@ -3,8 +3,11 @@
 Starts placement, the page servers, the mirror (STATE_DIR/mirror.img) and the client (its
 page key in STATE_DIR/page.key, kept across runs so a restarted client still decrypts) as
 separate processes, each logging to STATE_DIR/logs/NAME.log, writes STATE_DIR/pids/NAME.pid,
-waits until every page server is registered with placement and the client serves NBD, then
-prints one line with `ready` and the NBD URI. SIGINT or SIGTERM stops them all, client first.
+waits until every page server is registered with placement and the client serves NBD, writes
+every process's metrics endpoint to STATE_DIR/prometheus-targets.json (a Prometheus file_sd
+file, jobs remem-placement, remem-pageserver, remem-mirror, remem-client), then prints one
+line with `ready`, the NBD URI and that file (`metrics_targets=`). SIGINT or SIGTERM stops
+them all, client first.
 
 The processes talk over ZeroMQ on Unix sockets in STATE_DIR/zmq (`--transport ipc`, the
 default), a folder of mode 0700: only this user can connect, so the file system is the access
@@ -14,8 +17,19 @@ two replicas and the mirror). `--transport tcp` uses loopback TCP instead, which
 user can reach, so there every socket runs Curve as in a real deployment: `remem up` makes a
 keypair per process in STATE_DIR/keys (once; later runs reuse them), every service admits the
 public certificates of that folder, and the client's key is of `--tenant`.
-STATE_DIR/keys/admin.key_secret is for `remem status --curve-secret-key ...
---placement-public-key STATE_DIR/keys/placement.key`. `--insecure` turns Curve off either way.
+`--insecure` turns Curve off either way.
+
+Once placement is up, STATE_DIR/cluster.json says where it listens, over which transport and,
+with Curve, which keys an admin uses (STATE_DIR/keys/admin.key_secret and placement.key):
+`remem status --state-dir STATE_DIR` and `remem drain` read it (from ./state by default, as
+`make up` uses). It is removed when `remem up` stops.
+
+The page servers' arenas live in SHM_DIR/remem-up-HASH (one folder per state dir). They
+commit memory as pages arrive, not their whole capacity. A clean stop (SIGINT, SIGTERM)
+removes them, so a stopped `remem up` holds no RAM; `--keep-arenas` leaves them for the next
+run to reopen with their pages. A crash leaves them too (of `remem up`, of a page server, or
+placement or the client dying, which stops the rest): a page server restarted on its arena
+finds its pages.
 
 A page server or the mirror that dies is left dead (that is what re-replication and the
 client's failover are for, and what the fault tests exercise); if placement or the client
@@ -24,8 +38,11 @@ dies, everything is stopped and the exit is 1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -34,10 +51,12 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import Literal
+from urllib.parse import urlsplit
 
 import zmq
 from pydantic import ByteSize, Field, model_validator
 from remem_common.config import ServiceConfig, load_config
+from remem_common.local_cluster import LocalCluster, remove_cluster, write_cluster
 from remem_common.logs import setup_logging
 from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
 from remem_common.process import ServiceProcess, ServiceStartError, spawn_service
@@ -61,12 +80,19 @@ class UpConfig(ServiceConfig):
         description="RAM of each page server (default: enough for k copies of the device "
         "with one server lost)",
     )
-    nbd_socket: Path | None = Field(default=None, description="default STATE_DIR/nbd.sock")
+    nbd_socket: Path | None = Field(
+        default=None, description="the NBD server's Unix socket (default STATE_DIR/nbd.sock)"
+    )
     nbd_listen: str | None = Field(default=None, description="also serve NBD on HOST:PORT")
     tenant: str = Field(default="local", description="tenant name of the client")
     shm_dir: Path = Field(default=Path("/dev/shm"), description="where arenas live")
     forget: bool = Field(
         default=False, description="wipe the page servers' arenas and the mirror first"
+    )
+    keep_arenas: bool = Field(
+        default=False,
+        description="leave the page servers' arenas in SHM_DIR after a clean stop, with their "
+        "pages, for the next run (a clean stop removes them; a crash always leaves them)",
     )
     mirror: bool = Field(
         default=True,
@@ -94,7 +120,9 @@ class UpConfig(ServiceConfig):
         "Curve with keys in STATE_DIR/keys with --transport tcp",
     )
     start_timeout: float = Field(default=180.0, gt=0, description="seconds for each start")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="log level of `remem up` and of every process it starts"
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> UpConfig:
@@ -226,6 +254,7 @@ class Cluster:
             ],
         )
         endpoint = placement.ready["endpoint"]
+        self.write_cluster_file(endpoint)
         capacity = self.capacity_each()
         for index in range(cfg.pageservers):
             args = [
@@ -243,7 +272,7 @@ class Cluster:
                 "--server-id",
                 f"pageserver-{index}",
                 "--shm-path",
-                str(self.arena_dir / f"pageserver-{index}.arena"),
+                str(self.arena(index)),
                 "--log-level",
                 cfg.log_level,
                 *self.security_args(f"pageserver-{index}"),
@@ -311,6 +340,25 @@ class Cluster:
     def capacity_each(self) -> int:
         return self.config.capacity_each()
 
+    @property
+    def scrape_targets_path(self) -> Path:
+        return self.config.state_dir / "prometheus-targets.json"
+
+    def write_scrape_targets(self) -> Path:
+        """Every child's metrics endpoint as a Prometheus file_sd file, job `remem-SERVICE`
+        (the job names charts/remem/files/alerts.yaml expects); returns its path."""
+        groups: list[dict[str, object]] = []
+        for name, child in self.children.items():
+            address = urlsplit(child.ready.get("metrics", "")).netloc
+            if address:
+                job = "remem-" + name.split("-")[0]
+                groups.append({"targets": [address], "labels": {"job": job}})
+        # Prometheus watches the file: replace it whole, never let it read a partial one.
+        partial = self.scrape_targets_path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(groups, indent=2) + "\n")
+        partial.replace(self.scrape_targets_path)
+        return self.scrape_targets_path
+
     def wait_registered(self, endpoint: str, count: int) -> None:
         """Block until placement lists `count` live page servers."""
         deadline = time.monotonic() + self.config.start_timeout
@@ -328,6 +376,37 @@ class Cluster:
                 time.sleep(0.05)  # polling placement's state, not waiting for a process
         raise ServiceStartError(f"not all {count} page servers registered with placement")
 
+    def arena(self, index: int) -> Path:
+        return self.arena_dir / f"pageserver-{index}.arena"
+
+    def write_cluster_file(self, placement: str, nbd_uri: str | None = None) -> None:
+        """STATE_DIR/cluster.json, for `remem status` and `remem drain` (absolute paths: they
+        may run from another folder)."""
+        keys = self.key_dir.resolve()
+        write_cluster(
+            LocalCluster(
+                pid=os.getpid(),
+                state_dir=self.config.state_dir.resolve(),
+                placement=placement,
+                transport=self.config.transport,
+                curve=self.config.curve,
+                admin_secret_key=keys / "admin.key_secret" if self.config.curve else None,
+                placement_public_key=keys / "placement.key" if self.config.curve else None,
+                nbd_uri=nbd_uri,
+                arena_dir=self.arena_dir.absolute(),
+            )
+        )
+
+    def remove_arenas(self) -> None:
+        """Delete the page servers' arena files (their memory goes back to the host once no
+        process maps them), also those a run with more --pageservers kept, and the arena
+        folder if nothing else is in it."""
+        for arena in self.arena_dir.glob("pageserver-*.arena"):
+            arena.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.arena_dir.rmdir()
+        log.info("removed the arenas in %s (--keep-arenas keeps them)", self.arena_dir)
+
     def stop_all(self) -> None:
         """Stop children, the client first so NBD users see a clean disconnect."""
         for name in reversed(list(self.children)):
@@ -338,6 +417,8 @@ class Cluster:
                 log.error("%s", exc)
             (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
         self.context.destroy(linger=0)
+        self.scrape_targets_path.unlink(missing_ok=True)  # no stale targets for a Prometheus
+        remove_cluster(self.config.state_dir)  # nothing left to reach
         if self.own_socket_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
@@ -375,11 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceStartError as exc:
         log.error("could not start the cluster: %s", exc)
         cluster.stop_all()
+        if config.forget and not config.keep_arenas:
+            cluster.remove_arenas()  # wiped at start: nothing in them to keep
         return 1
     names = ",".join(cluster.children)
     curve = f"on keys={cluster.key_dir}" if config.curve else "off"
+    targets = cluster.write_scrape_targets()
+    cluster.write_cluster_file(cluster.children["placement"].ready["endpoint"], uri)
     print(
-        f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names} curve={curve}",
+        f"ready nbd_uri={uri} state_dir={config.state_dir} processes={names} curve={curve} "
+        f"metrics_targets={targets}",
         flush=True,
     )
     dead = None
@@ -401,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                     child.proc.returncode,
                 )
     cluster.stop_all()
-    if config.forget:
-        shutil.rmtree(cluster.arena_dir, ignore_errors=True)
+    # A clean stop gives the arenas' memory back; after a failure they stay for a restart to
+    # find its pages (as after a crash), unless the run began with --forget (nothing kept).
+    if not config.keep_arenas and (dead is None or config.forget):
+        cluster.remove_arenas()
     return 1 if dead is not None else 0
 
 

@@ -4,6 +4,8 @@ Each service describes its settings as one frozen pydantic model. `load_config` 
 model's fields into flags (`--metrics-port`) and environment variables
 (`REMEM_PAGESERVER_METRICS_PORT`), with flag > environment > default, validates the result
 before anything is bound, and on a bad value prints one line and exits with status 2.
+Every flag's help shows its default (`DefaultsHelpFormatter` does the same for the plain
+argparse tools).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import sys
 from typing import Any, NoReturn, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -33,6 +36,42 @@ class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_CONFIG_ERROR)
+
+
+def shown_default(value: Any) -> str:
+    """A default as a user types it: on/off for switches, none, 1.0GiB for sizes."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, ByteSize):
+        return value.human_readable(decimal=False) if value else "0"
+    return str(value)
+
+
+def _default_note(field: FieldInfo) -> str:
+    """' (default: X)' for the help of a field, ' (required)' if it has none, or '' when the
+    description already says what an unset (None) value means."""
+    if field.is_required():
+        return "" if "required" in (field.description or "") else " (required)"
+    default = field.get_default(call_default_factory=True)
+    if default is None and "default" in (field.description or ""):
+        return ""
+    return f" (default: {shown_default(default)})".replace("%", "%%")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help of every option ends with its default, or `(required)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return text + " (required)"
+        if "default" in text:
+            return text
+        return text + f" (default: {shown_default(action.default)})".replace("%", "%%")
 
 
 def _is_bool(annotation: Any) -> bool:
@@ -71,7 +110,11 @@ def load_config(
     parser = _OneLineParser(prog=prog, description=description)
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = (field.description or "") + f" [env {env_name(env_prefix, name)}]"
+        help_text = (
+            (field.description or "")
+            + _default_note(field)
+            + f" [env {env_name(env_prefix, name)}]"
+        ).lstrip()
         if _is_bool(field.annotation):
             # --flag / --no-flag: a boolean that defaults to on must be switchable off too.
             parser.add_argument(
@@ -80,7 +123,9 @@ def load_config(
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
     parser.add_argument(
-        "--print-config", action="store_true", help="print the effective config and exit"
+        "--print-config",
+        action="store_true",
+        help="print the effective config and exit (default: off)",
     )
     namespace = parser.parse_args(argv)
 

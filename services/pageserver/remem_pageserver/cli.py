@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if store.used_pages:
         log.info(
-            "arena reopened path=%s pages=%d slabs=%d",
+            "arena reopened path=%s pages=%d slabs=%d committed_bytes=%d",
             config.shm_path,
             store.used_pages,
             store.slab_count,
+            store.committed_bytes,
         )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     metrics = PageServerMetrics(REGISTRY)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         StoreGauges(
             capacity_bytes=lambda: store.capacity_pages * PAGE_SIZE,
             used_bytes=lambda: store.used_pages * PAGE_SIZE,
+            committed_bytes=lambda: store.committed_bytes,
             pages=lambda: store.used_pages,
             slabs=lambda: store.slab_count,
             under_pressure=lambda: server.under_pressure,

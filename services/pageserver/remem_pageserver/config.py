@@ -39,7 +39,8 @@ class PageServerConfig(CurveSettings):
     )
     shm_path: Path = Field(
         default=Path("/dev/shm/remem-pageserver.arena"),
-        description="arena file; in /dev/shm it survives a restart of this process",
+        description="arena file; in /dev/shm it survives a restart of this process (it is "
+        "sparse: RAM is committed as pages arrive and given back as slabs leave)",
     )
     forget: bool = Field(default=False, description="wipe the arena at start")
     host_reserve: ByteSize = Field(
@@ -47,7 +48,9 @@ class PageServerConfig(CurveSettings):
         description="host memory to keep free; below it, ask placement to move slabs off",
     )
     drain_timeout: float = Field(default=5.0, gt=0, description="seconds to finish on SIGTERM")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="log level"
+    )
 
     @field_validator("capacity")
     @classmethod

@@ -26,6 +26,7 @@ class StoreGauges:
 
     capacity_bytes: Callable[[], int]
     used_bytes: Callable[[], int]
+    committed_bytes: Callable[[], int]
     pages: Callable[[], int]
     slabs: Callable[[], int]
     under_pressure: Callable[[], bool]
@@ -42,6 +43,11 @@ class _StoreCollector(Collector):
         )
         yield GaugeMetricFamily(
             "pageserver_used_bytes", "Bytes of the capacity holding pages", value=g.used_bytes()
+        )
+        yield GaugeMetricFamily(
+            "pageserver_arena_committed_bytes",
+            "Host memory the arena file holds: used pages and the free slots of their regions",
+            value=g.committed_bytes(),
         )
         yield GaugeMetricFamily("pageserver_pages_resident", "Pages stored", value=g.pages())
         yield GaugeMetricFamily("pageserver_slabs", "Slabs with at least one page", value=g.slabs())

@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from remem_common.config import DefaultsHelpFormatter
+from remem_common.local_cluster import (
+    CLUSTER_FILE,
+    DEFAULT_STATE_DIR,
+    LocalCluster,
+    LocalClusterError,
+    read_cluster,
+)
 from remem_common.placement_client import PlacementClient
 from remem_common.security import KeyFileError, Security, load_public_key
 
@@ -19,14 +27,27 @@ PLACEMENT_KEY_ENV = "REMEM_ADMIN_PLACEMENT_PUBLIC_KEY"
 
 
 class ToolParser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) and the common --placement/--timeout flags."""
+    """argparse with one-line errors (exit 2) and the common --placement/--timeout flags.
+
+    Where placement is: --placement (or its env), else the cluster.json that `remem up`
+    wrote in --state-dir (./state by default, `make up`'s), else DEFAULT_ENDPOINT. The keys
+    come the same way: flags, env, then cluster.json.
+    """
 
     def __init__(self, prog: str, description: str) -> None:
-        super().__init__(prog=prog, description=description)
+        super().__init__(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
         self.add_argument(
             "--placement",
-            default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
-            help=f"placement's endpoint [env {ENDPOINT_ENV}, default {DEFAULT_ENDPOINT}]",
+            default=os.environ.get(ENDPOINT_ENV),
+            help=f"placement's endpoint [env {ENDPOINT_ENV}] (default: the one in "
+            f"STATE_DIR/{CLUSTER_FILE}, else {DEFAULT_ENDPOINT})",
+        )
+        self.add_argument(
+            "--state-dir",
+            type=Path,
+            help=f"the --state-dir of a running `remem up`: its {CLUSTER_FILE} gives "
+            "placement's endpoint and, with Curve, the admin keys (default: ./state, where "
+            "`make up` runs it, if it has one)",
         )
         self.add_argument(
             "--timeout", type=float, default=5.0, help="seconds to wait for each reply"
@@ -35,18 +56,49 @@ class ToolParser(argparse.ArgumentParser):
             "--curve-secret-key",
             type=Path,
             default=os.environ.get(SECRET_KEY_ENV),
-            help=f"an admin keypair (remem keys --role admin) [env {SECRET_KEY_ENV}]; "
-            "without it the request goes in plaintext (placement run with --insecure)",
+            help=f"an admin keypair (remem keys --role admin) [env {SECRET_KEY_ENV}] "
+            f"(default: the one {CLUSTER_FILE} names if its cluster runs Curve; else none, "
+            "and the request goes in plaintext, for a placement run with --insecure)",
         )
         self.add_argument(
             "--placement-public-key",
             type=Path,
             default=os.environ.get(PLACEMENT_KEY_ENV),
-            help=f"placement's public certificate (NAME.key) [env {PLACEMENT_KEY_ENV}]",
+            help=f"placement's public certificate (NAME.key) [env {PLACEMENT_KEY_ENV}] "
+            f"(default: the one {CLUSTER_FILE} names, with Curve)",
         )
 
+    def local_cluster(self, args: argparse.Namespace) -> LocalCluster | None:
+        """The cluster.json of --state-dir (an error if it has none), else of ./state if
+        there is one."""
+        try:
+            return read_cluster(args.state_dir or DEFAULT_STATE_DIR)
+        except LocalClusterError as exc:
+            if args.state_dir is not None:
+                self.error(str(exc))
+            return None
+
     def placement_client(self, args: argparse.Namespace) -> PlacementClient:
-        """The client the flags describe (Curve when --curve-secret-key is given)."""
+        """The client the flags describe (Curve when --curve-secret-key is given, or the
+        cluster.json in --state-dir says so)."""
+        cluster = None
+        if args.state_dir is not None or args.placement is None:
+            cluster = self.local_cluster(args)
+        if cluster is not None:
+            if not cluster.running():
+                sys.stderr.write(
+                    f"{self.prog}: the remem up (pid {cluster.pid}) that wrote "
+                    f"{cluster.state_dir / CLUSTER_FILE} is not running\n"
+                )
+            if args.placement is None:
+                args.placement = cluster.placement
+            if cluster.curve:
+                args.curve_secret_key = args.curve_secret_key or cluster.admin_secret_key
+                args.placement_public_key = (
+                    args.placement_public_key or cluster.placement_public_key
+                )
+        if args.placement is None:
+            args.placement = DEFAULT_ENDPOINT
         if args.curve_secret_key is None:
             return PlacementClient(args.placement, timeout=args.timeout)
         if args.placement_public_key is None:
