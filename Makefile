@@ -7,13 +7,13 @@ PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive as real peers: NBD clients, nbdkit as the
 # reference server, fio, a Prometheus server, iproute2 for network namespaces.
-DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc iproute2 fuse3 util-linux
-DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus gcc ip nbdfuse losetup
+DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc iproute2 fuse3 util-linux systemd
+DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus promtool gcc ip nbdfuse losetup systemd-analyze
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
         test-faults bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption \
-        bench-swap up clean
+        bench-swap up clean deploy-check
 
 install: $(STAMP)
 
@@ -41,8 +41,15 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 # The default suite: unit + integration, real processes on loopback.
-test: deps install lint typecheck
-	$(PYTEST) -m "not slow and not root and not bench and not faults" -q
+test: deps install lint typecheck deploy-check
+	$(PYTEST) -m "not slow and not root and not bench and not faults" -q --ignore=tests/deploy
+
+# What an operator deploys, checked with the real tools (tests/deploy): hadolint on every
+# Dockerfile, compose config, Helm render + lint + kubernetes-validate for every values file,
+# promtool rule tests, every metric the dashboard and the alerts query on a real Prometheus
+# scraping `remem up`, systemd-analyze verify on the client host units. Part of `make test`.
+deploy-check: deps install
+	$(PYTEST) tests/deploy -m "not slow and not root" -q
 
 test-unit: install
 	$(PYTEST) tests/unit -q
@@ -54,7 +61,7 @@ test-slow: deps install
 	$(PYTEST) -m "slow and not root and not faults" -q
 
 test-root: deps install
-	$(PYTEST) -m "root and not faults" -q
+	$(PYTEST) -m "root and not faults and not vm" -q
 
 # Processes killed, paused, cut off (network namespaces: those tests need root and skip
 # without it) and arenas corrupted, under verifying NBD workloads; see tests/faults.
@@ -96,8 +103,40 @@ bench-encryption: deps install
 bench-swap: deps install
 	$(PY) -m tests.system.bench_swap
 
+# What only the guest-kernel test needs (qemu is large, so not in DEB_PACKAGES): qemu, the
+# kernel's nbd-client, a static busybox and libc.a for the guest's initramfs.
+VM_DEB_PACKAGES := qemu-system-x86 nbd-client busybox-static libc6-dev
+VM_DEB_COMMANDS := qemu-system-x86_64 nbd-client
+.PHONY: deps-vm test-vm
+deps-vm: deps
+	@missing=""; for c in $(VM_DEB_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	{ [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; } || missing="$$missing busybox-static"; \
+	[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing="$$missing libc.a"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(VM_DEB_PACKAGES) >/dev/null; \
+	fi
+
+# A restart of the remem client under swap loses nothing: Debian's kernel in a qemu guest
+# (TCG) swaps a 320 MiB hog (128 MiB of RAM) to remem through the units of deploy/systemd,
+# the client is restarted twice (idle, then under page-ins), every byte is verified; once
+# through remem-swap-proxy (must pass) and once straight to the client (an expected
+# failure). Downloads the kernel package once (cache: REMEM_VM_CACHE). ~3 min here.
+test-vm: deps-vm install
+	$(PYTEST) tests/system/vm -m vm -q -rxX --durations=0
+
 up: install
 	$(VENV)/bin/remem up --state-dir $(STATE_DIR)
+
+# deploy/compose.yaml for real: every image built, the stack up (without Grafana), fio
+# verifying through the client's NBD port from the host while a page server container is
+# SIGKILLed via the Docker API; containers, volumes and networks removed even on failure
+# (tests/system/compose_stack.py). Needs Docker with its compose plugin, or Podman
+# (apt-get install podman; podman-compose comes with `make install`). Not in `make test`.
+.PHONY: compose-test
+compose-test: deps install
+	$(PY) -m tests.system.compose_stack
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
