@@ -1,4 +1,4 @@
-"""remem_common.zmtp against libzmq itself: the asyncio DEALER must be a peer a libzmq ROUTER
+"""remem_client.zmtp against libzmq itself: the asyncio DEALER must be a peer a libzmq ROUTER
 cannot tell from a libzmq DEALER, and must survive whatever a broken peer sends."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from remem_common.zmtp import (
+from remem_client.zmtp import (
     GREETING,
+    DealerBusy,
     FrameReader,
-    ZmtpBusy,
     ZmtpDealer,
     ZmtpError,
     encode,
@@ -113,7 +113,7 @@ def test_a_peer_that_stops_reading_gets_hwm_messages_then_refusals(tmp_path: Pat
             for sent in range(10_000):
                 try:
                     dealer.send([b"", block])
-                except ZmtpBusy:
+                except DealerBusy:
                     return sent
                 await asyncio.sleep(0)  # let the loop write what the socket takes
             return -1
@@ -179,7 +179,7 @@ def test_a_full_queue_refuses_instead_of_buffering_without_bound(tmp_path: Path)
         try:
             for _ in range(3):
                 dealer.send([b"", b"x"])
-            with pytest.raises(ZmtpBusy):
+            with pytest.raises(DealerBusy):
                 dealer.send([b"", b"x"])
         finally:
             dealer.close()

@@ -5,24 +5,21 @@ into one message per server and operation (a GET of 32 single-page NBD reads is 
 `get_pages_request` of 32 keys), sent when the loop turn ends. Replies are matched by
 `parent_id` and resolve one future per batch, not per page.
 
-The socket is driven from the event loop's reader callback on the ZeroMQ FD (edge-triggered:
-after each send the socket's EVENTS are checked again), which costs less per message than
-zmq.asyncio's future per recv. A batch that gets no answer within `timeout` fails with
-`ReplicaFailure`; the backend then tries another replica.
+The link is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve)
+and a `dealer.PendingRequests`: no coroutine or future per message beyond the batch's own.
+A batch that gets no answer within `timeout` fails with `ReplicaFailure`; the backend then
+tries another replica.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zmq
-from pydantic import TypeAdapter
-from remem_common.framing import DELIMITER, decode
+from remem_common.framing import DELIMITER
 from remem_common.pageserver_client import REPLY_ADAPTER, AnyReply
 from remem_common.protocol.client_pageserver import (
     DeletePagesRequest,
@@ -44,16 +41,16 @@ from remem_common.protocol.pages import (
     unpack_pages,
     unpack_seals,
 )
-from remem_common.security import KeyFileError, Security
-from remem_common.wire import has_message, recv_frames, send_frames
-from remem_common.zmtp import ZmtpBusy, ZmtpDealer, ZmtpError
+from remem_common.security import Security
 
-from remem_client.metrics import MalformedReplies
+from remem_client.dealer import DealerBusy, PendingRequests, open_dealer
+
+if TYPE_CHECKING:
+    import zmq
+
+    from remem_client.metrics import MalformedReplies
 
 log = logging.getLogger("client.links")
-# pyzmq's flags are IntFlag enums: every `|`, `&` or call builds enum objects (26k calls for
-# 2k reads in a profile). Plain ints on the hot path.
-_ADAPTER: TypeAdapter[AnyReply] = REPLY_ADAPTER
 _REQUEST_TYPE = {
     "get": GetPagesRequest.model_fields["type"].default,
     "put": PutPagesRequest.model_fields["type"].default,
@@ -63,7 +60,6 @@ _REQUEST_TYPE = {
 # batches and leave together when a reply frees a place. A ZeroMQ round trip costs ~60 us of
 # CPU on each side on these VMs whatever its size, so at queue depth 32 this is what turns 32
 # messages of one page into a few of many (a 4 KiB randread batch grew from ~4 pages to ~16).
-# Two rather than one, so a reply's turn of the loop overlaps the next batch's trip.
 WINDOW = 1
 # Keep at most this many messages queued toward a server that is not reading: past it, sends
 # fail at once rather than buffering pages without bound.
@@ -160,54 +156,32 @@ class PageServerLink:
         server_key: str | None = None,
     ) -> None:
         self.server_id = server_id
-        self._malformed = malformed
         self.endpoint = endpoint
         self.server_key = server_key
         self.tenant = tenant
         self.volume = volume
         self.timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self._socket: zmq.Socket[bytes] | None = None
-        self._dealer: ZmtpDealer | None = None
-        if security is None or not security.enabled:
-            # Plaintext: ZMTP from this loop, without libzmq's I/O thread (see zmtp.py).
-            self._dealer = ZmtpDealer(
-                endpoint, self._on_reply, hwm=SEND_HWM, on_violation=self._on_violation
-            )
-        else:
-            self._socket = self._zmq_socket(context, security, server_key)
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        self._pending: PendingRequests[AnyReply] = PendingRequests(
+            REPLY_ADAPTER,
+            peer="pageserver",
+            name=server_id,
+            timeout=timeout,
+            on_expire=self._expired,
+            malformed=malformed,
+        )
+        self._dealer = open_dealer(
+            endpoint,
+            self._on_reply,
+            context=context,
+            security=security,
+            server_key=server_key,
+            hwm=SEND_HWM,
+            on_violation=self._pending.violation,
+        )
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
-        self._in_flight = 0
         self.closed = False
-
-    def _zmq_socket(
-        self, context: zmq.Context[zmq.Socket[bytes]], security: Security, server_key: str | None
-    ) -> zmq.Socket[bytes]:
-        sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-        try:
-            security.client_socket(sock, server_key)
-        except KeyFileError:
-            sock.close(linger=0)
-            raise
-        sock.connect(self.endpoint)
-        fd = sock.getsockopt(zmq.FD)
-        assert isinstance(fd, int)
-        self._fd = fd
-        self._loop.add_reader(fd, self._on_readable)
-        return sock
-
-    def _on_violation(self, exc: ZmtpError) -> None:
-        if self._malformed is not None:
-            # A ZMTP frame the server framed wrongly: counted with the replies whose frames
-            # are wrong.
-            self._malformed.count(
-                "pageserver", ProtocolError(ErrorCode.MALFORMED, str(exc), reason="bad_frames")
-            )
 
     # -- public operations: each returns the future of the batch the pages joined ----------
 
@@ -246,20 +220,15 @@ class PageServerLink:
         if self.closed:
             return
         self.closed = True
-        if self._socket is not None:
-            self._loop.remove_reader(self._fd)
-            self._socket.close(linger=0)
-        if self._dealer is not None:
-            self._dealer.close()
-        for future, timer in self._waiting.values():
-            timer.cancel()
-            if not future.done():
-                future.set_exception(ReplicaFailure(self.server_id, "closed", "link closed"))
-        self._waiting.clear()
+        self._dealer.close()
+        self._pending.fail_all(self._closed_failure)
         for batch in self._open.values():
             if batch.future is not None and not batch.future.done():
-                batch.future.set_exception(ReplicaFailure(self.server_id, "closed", "link closed"))
+                batch.future.set_exception(self._closed_failure())
         self._open.clear()
+
+    def _closed_failure(self) -> ReplicaFailure:
+        return ReplicaFailure(self.server_id, "closed", "link closed")
 
     # -- batching --------------------------------------------------------------------------
 
@@ -302,7 +271,7 @@ class PageServerLink:
         """Send the open batches, as many as the window has room for (oldest first); the
         rest go when a reply, a timeout or a full batch makes room."""
         self._flush_scheduled = False
-        while self._open and self._in_flight < WINDOW:
+        while self._open and len(self._pending) < WINDOW:
             op = next(iter(self._open))
             self._send(self._open.pop(op))
 
@@ -318,7 +287,7 @@ class PageServerLink:
                 )
 
     def _send_batch(self, batch: _Batch, future: asyncio.Future[Any]) -> None:
-        msg_id = next(self._ids)
+        msg_id = self._pending.next_id()
         keys = batch.keys[0] if len(batch.keys) == 1 else b"".join(batch.keys)
         crcs_data: list[Any] = []
         if batch.op == "put":
@@ -332,32 +301,19 @@ class PageServerLink:
         )
         frames = [DELIMITER, header, keys, *crcs_data]
         try:
-            if self._dealer is not None:
-                self._dealer.send(frames)
-            else:
-                assert self._socket is not None
-                send_frames(self._socket, frames)
-        except (zmq.ZMQError, ZmtpBusy) as exc:
+            self._dealer.send(frames)
+        except DealerBusy as exc:
             future.set_exception(
                 ReplicaFailure(self.server_id, ErrorCode.UNAVAILABLE, f"send failed: {exc}")
             )
             return
-        timer = self._loop.call_later(self.timeout, self._expire, msg_id)
-        self._waiting[msg_id] = (future, timer)
-        self._in_flight += 1
-        if self._socket is not None:
-            # The ZeroMQ FD is edge-triggered and a send may have consumed the edge that
-            # says a reply is waiting: look once more from the loop.
-            self._loop.call_soon(self._on_readable)
+        self._pending.add(msg_id, future)
 
-    def _expire(self, msg_id: int) -> None:
-        entry = self._waiting.pop(msg_id, None)
-        if entry is None:
-            return
-        self._in_flight -= 1
+    def _expired(self, future: asyncio.Future[Any]) -> None:
+        """A batch went unanswered for `timeout` seconds."""
         failure = ReplicaFailure(self.server_id, "timeout", f"no answer in {self.timeout}s")
-        if not entry[0].done():
-            entry[0].set_exception(failure)
+        if not future.done():
+            future.set_exception(failure)
         # The batches waiting for room would wait a whole timeout more on a server that has
         # stopped answering: fail them now, so their callers fail over at once.
         for batch in self._open.values():
@@ -367,32 +323,13 @@ class PageServerLink:
 
     # -- replies ---------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        if self.closed or self._socket is None:
-            return
-        while has_message(self._socket):
-            try:
-                frames = recv_frames(self._socket)
-            except zmq.Again:
-                return
-            self._on_reply(frames)
-
     def _on_reply(self, frames: list[Any]) -> None:
         if self.closed:
             return
-        try:
-            reply, payload = decode(frames, _ADAPTER)
-        except ProtocolError as exc:
-            log.warning("malformed reply from %s: %s", self.server_id, exc.detail)
-            if self._malformed is not None:
-                self._malformed.count("pageserver", exc)
-            return
-        entry = self._waiting.pop(reply.parent_id, None)
-        if entry is None:
-            return  # answered after its timeout: the caller has moved on
-        future, timer = entry
-        timer.cancel()
-        self._in_flight -= 1
+        taken = self._pending.take(frames)
+        if taken is None:
+            return  # malformed, or answered after its timeout (counted)
+        reply, payload, future = taken
         if self._open and not self._flush_scheduled:
             # Room in the window: what gathered while this batch was away leaves now.
             self._flush_scheduled = True

@@ -12,9 +12,12 @@ what pre-creating children with `.labels()` achieves for ordinary metric objects
     client_nbd_malformed_requests_total{reason}   reason in MALFORMED_REASONS; each one
                                                   closed the offending connection
 
-The remote backend adds its own (remote.py), among them
+The remote backend adds its own (remote/assembly.py), among them
 `client_malformed_messages_total{peer,reason}`: replies from a page server, placement or
-the mirror that did not decode (`MalformedReplies`), each dropped and logged.
+the mirror that did not decode, and ZMTP violations of those peers, each dropped and logged;
+and `client_late_replies_total{peer}`: replies to requests no longer waiting (they timed
+out, or their caller gave up), dropped. Both are counted in `MalformedReplies` by the links'
+`dealer.PendingRequests`.
 
 Why a collector over plain counters instead of Counter/Histogram objects: per request the
 prometheus_client objects cost, on this machine, 0.58 us per `Counter.inc()` and 1.56 us
@@ -101,15 +104,22 @@ PEERS: tuple[str, ...] = ("pageserver", "placement", "mirror")
 
 
 class MalformedReplies:
-    """Replies that did not decode, by peer and reason; a plain dict, read at scrape time."""
+    """Replies the links dropped: those that did not decode, by peer and reason (`counts`),
+    and late ones, by peer (`late`); plain dicts, read at scrape time."""
 
     def __init__(self) -> None:
         self.counts = {(p, r): 0 for p in PEERS for r in MESSAGE_MALFORMED_REASONS}
+        self.late = dict.fromkeys(PEERS, 0)
 
     def count(self, peer: str, exc: ProtocolError) -> None:
         key = (peer, exc.reason)
         if key in self.counts:
             self.counts[key] += 1
+
+    def count_late(self, peer: str) -> None:
+        """A reply whose request was no longer waiting (timed out, or abandoned)."""
+        if peer in self.late:
+            self.late[peer] += 1
 
 
 class NbdStats:

@@ -27,6 +27,9 @@ than an error. The link tries the mirror again after a back-off and keeps sendin
 writes to it; the backend's rebuild makes it complete again. Pages written durably while the
 network was down (`write_durable`) stay readable from an incomplete mirror: it alone holds
 them, and it confirmed each of them on disk.
+
+The socket is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve),
+its requests a `dealer.PendingRequests`.
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zmq
-from remem_common.framing import decode, encode
+from remem_common.framing import encode
 from remem_common.protocol.client_mirror import (
     MAX_MIRROR_BATCH_PAGES,
     MAX_MIRROR_PAGES,
@@ -51,6 +53,7 @@ from remem_common.protocol.client_mirror import (
     ListUnreplicatedReply,
     ListUnreplicatedRequest,
     MarkReplicatedRequest,
+    MirrorReply,
     ReadPagesReply,
     ReadPagesRequest,
     TrimPagesRequest,
@@ -58,13 +61,16 @@ from remem_common.protocol.client_mirror import (
     WritePagesRequest,
     pack_extents,
 )
-from remem_common.protocol.envelope import ErrorReply, ProtocolError
+from remem_common.protocol.envelope import ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 from remem_common.security import Security
-from remem_common.wire import NOBLOCK, has_message, recv_frames
-from remem_common.zmtp import ZmtpBusy, ZmtpDealer
 
-from remem_client.metrics import MalformedReplies
+from remem_client.dealer import Dealer, DealerBusy, PendingRequests, open_dealer
+
+if TYPE_CHECKING:
+    import zmq
+
+    from remem_client.metrics import MalformedReplies
 
 log = logging.getLogger("client.mirror")
 # Seconds between attempts to reach a mirror that stopped answering.
@@ -100,15 +106,23 @@ class MirrorLink:
         server_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._malformed = malformed
         self._security = security or Security.insecure()
         self._server_key = server_key
         self.timeout = timeout
         self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
         self._context = context
         self._loop = asyncio.get_running_loop()
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        # Kept across reconnections: ids stay unique, so a reply to the old connection's
+        # request is never taken for the new one's.
+        self._pending: PendingRequests[MirrorReply] = PendingRequests(
+            MIRROR_REPLY_ADAPTER,
+            peer="mirror",
+            name="the mirror",
+            timeout=timeout,
+            on_expire=self._expired,
+            malformed=malformed,
+        )
+        self._next_id = self._pending.next_id
         # entry id -> (first page, count, data) of writes the mirror has not confirmed; dict
         # order is the order the mirror applies them (gathered entries are sent first).
         self._cache: dict[int, tuple[int, int, bytes]] = {}
@@ -136,38 +150,27 @@ class MirrorLink:
         self.written_bytes = 0
         self.pages_read = 0
         self.failures = 0
-        self._socket: zmq.Socket[bytes] | None = None
-        self._dealer: ZmtpDealer | None = None
-        self._fd = -1
+        self._dealer: Dealer | None = None
         self._open_socket()
         self.closed = False
 
     # -- socket ----------------------------------------------------------------------------
 
     def _open_socket(self) -> None:
-        if not self._security.enabled:
-            # Plaintext: ZMTP from this loop, without libzmq's I/O thread (see zmtp.py).
-            self._dealer = ZmtpDealer(self.endpoint, self._on_reply, hwm=4 * MAX_IN_FLIGHT)
-            return
-        sock: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 4 * MAX_IN_FLIGHT)
-        sock.setsockopt(zmq.RCVHWM, 4 * MAX_IN_FLIGHT)
-        self._security.client_socket(sock, self._server_key)
-        sock.connect(self.endpoint)
-        fd = sock.getsockopt(zmq.FD)
-        assert isinstance(fd, int)
-        self._socket, self._fd = sock, fd
-        self._loop.add_reader(fd, self._on_readable)
+        self._dealer = open_dealer(
+            self.endpoint,
+            self._on_reply,
+            context=self._context,
+            security=self._security,
+            server_key=self._server_key,
+            hwm=4 * MAX_IN_FLIGHT,
+            on_violation=self._pending.violation,
+        )
 
     def _close_socket(self) -> None:
         if self._dealer is not None:
             self._dealer.close()
             self._dealer = None
-        if self._socket is not None:
-            self._loop.remove_reader(self._fd)
-            self._socket.close(linger=0)
-            self._socket = None
 
     def close(self) -> None:
         if self.closed:
@@ -200,7 +203,7 @@ class MirrorLink:
             # after this connection's requests (a rebuild's copy of the same pages). The
             # reply changes nothing here: this session's state is the link's own.
             try:
-                reattach = self._transmit(AttachMirrorRequest(msg_id=next(self._ids)))
+                reattach = self._transmit(AttachMirrorRequest(msg_id=self._next_id()))
             except MirrorFailure as exc:
                 self._lost(str(exc))
                 return False
@@ -217,23 +220,14 @@ class MirrorLink:
         return self._transmit(msg, *payload)
 
     def _transmit(self, msg: Any, *payload: Any) -> asyncio.Future[Any]:
-        if self.closed or (self._socket is None and self._dealer is None):
+        if self.closed or self._dealer is None:
             raise MirrorFailure("mirror link closed")
-        future: asyncio.Future[Any] = self._loop.create_future()
         try:
-            if self._dealer is not None:
-                self._dealer.send(encode(msg, *payload))
-            else:
-                assert self._socket is not None
-                self._socket.send_multipart(encode(msg, *payload), flags=NOBLOCK, copy=False)
-        except (zmq.ZMQError, ZmtpBusy) as exc:
+            self._dealer.send(encode(msg, *payload))
+        except DealerBusy as exc:
             raise MirrorFailure(f"send failed: {exc}") from exc
-        timer = self._loop.call_later(self.timeout, self._expire, msg.msg_id)
-        self._waiting[msg.msg_id] = (future, timer)
-        if self._socket is not None:
-            # The ZeroMQ FD is edge-triggered and a send may consume the edge of a waiting
-            # reply.
-            self._loop.call_soon(self._on_readable)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.add(msg.msg_id, future)
         return future
 
     async def _call(self, msg: Any, *payload: Any) -> Any:
@@ -244,7 +238,7 @@ class MirrorLink:
     async def attach(self) -> AttachMirrorReply:
         """Start the session; the link is complete if the mirror's last session ended
         cleanly."""
-        reply = await self._call(AttachMirrorRequest(msg_id=next(self._ids)))
+        reply = await self._call(AttachMirrorRequest(msg_id=self._next_id()))
         assert isinstance(reply, AttachMirrorReply)
         self.incomplete = not reply.complete
         return reply
@@ -254,7 +248,7 @@ class MirrorLink:
         (the mirror then trusts itself at the next attach)."""
         if self.incomplete or self.closed or not self.up:
             return False
-        detached = self._call(DetachMirrorRequest(msg_id=next(self._ids)))
+        detached = self._call(DetachMirrorRequest(msg_id=self._next_id()))
         try:
             await asyncio.wait_for(detached, DETACH_TIMEOUT)
         except TimeoutError:
@@ -264,17 +258,17 @@ class MirrorLink:
     async def barrier(self) -> None:
         """Return once the mirror executed every request sent before (it runs them in
         order): a describe, answered after them."""
-        await self._call(DescribeMirrorRequest(msg_id=next(self._ids)))
+        await self._call(DescribeMirrorRequest(msg_id=self._next_id()))
 
     async def list_unreplicated(self) -> tuple[ListUnreplicatedReply, bytes]:
-        future = self._send(ListUnreplicatedRequest(msg_id=next(self._ids)))
+        future = self._send(ListUnreplicatedRequest(msg_id=self._next_id()))
         reply, payload = await future
         return reply, payload
 
     async def wait_for_room(self, nbytes: int) -> None:
         """Return once the write cache can take `nbytes` more and a request can be sent."""
         while (self.cache_bytes and self.cache_bytes + nbytes > self.cache_limit) or len(
-            self._waiting
+            self._pending
         ) >= MAX_IN_FLIGHT:
             self._room.clear()
             await self._room.wait()
@@ -326,10 +320,10 @@ class MirrorLink:
         runs = [self._cache[entry][:2] for entry in entries]
         msg: WritePagesRequest | WriteExtentsRequest
         if len(entries) == 1:
-            msg = WritePagesRequest(msg_id=next(self._ids), first_page=runs[0][0], count=count)
+            msg = WritePagesRequest(msg_id=self._next_id(), first_page=runs[0][0], count=count)
             payload: tuple[Any, ...] = (self._cache[entries[0]][2],)
         else:
-            msg = WriteExtentsRequest(msg_id=next(self._ids), extents=len(entries), count=count)
+            msg = WriteExtentsRequest(msg_id=self._next_id(), extents=len(entries), count=count)
             data = b"".join(self._cache[entry][2] for entry in entries)
             payload = (pack_extents(runs), data)
         try:
@@ -353,7 +347,7 @@ class MirrorLink:
             n = min(MAX_MIRROR_PAGES, count - start)
             data = pages[start : start + n].tobytes()
             msg = WritePagesRequest(
-                msg_id=next(self._ids),
+                msg_id=self._next_id(),
                 first_page=first + start,
                 count=n,
                 replicated=False,
@@ -375,7 +369,7 @@ class MirrorLink:
         futures = []
         for start in range(0, count, MAX_MIRROR_PAGES):
             n = min(MAX_MIRROR_PAGES, count - start)
-            msg = ReadPagesRequest(msg_id=next(self._ids), first_page=first + start, count=n)
+            msg = ReadPagesRequest(msg_id=self._next_id(), first_page=first + start, count=n)
             futures.append((start, n, self._send(msg)))
         for start, n, future in futures:
             _reply, payload = await future
@@ -394,20 +388,20 @@ class MirrorLink:
         """Make the pages read as zeros on the mirror (ordered after earlier writes)."""
         # Cached writes of these pages must not be overlaid on later reads.
         self._forget_cached(first, count)
-        self._change(TrimPagesRequest(msg_id=next(self._ids), first_page=first, count=count))
+        self._change(TrimPagesRequest(msg_id=self._next_id(), first_page=first, count=count))
 
     async def mark_replicated(self, first: int, count: int) -> None:
         """Tell the mirror the pages are on their replicas again (after a resync)."""
         if not self.usable():
             raise MirrorFailure("the mirror is not answering")
-        msg = MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count)
+        msg = MarkReplicatedRequest(msg_id=self._next_id(), first_page=first, count=count)
         future = self._send(msg)
         self._carried[msg.msg_id] = []  # a change: see _change
         await future
 
     def clear_unreplicated(self, first: int, count: int) -> None:
         """`mark_replicated` nobody waits for (ordered after earlier writes, like a trim)."""
-        self._change(MarkReplicatedRequest(msg_id=next(self._ids), first_page=first, count=count))
+        self._change(MarkReplicatedRequest(msg_id=self._next_id(), first_page=first, count=count))
 
     def _change(self, msg: TrimPagesRequest | MarkReplicatedRequest) -> None:
         """Send a trim or mark nobody waits for, ordered after earlier writes.
@@ -441,26 +435,15 @@ class MirrorLink:
 
     # -- replies ---------------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        sock = self._socket
-        if sock is None:
-            return
-        while has_message(sock):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
-            self._on_reply(frames)
-
     def _on_reply(self, frames: list[Any]) -> None:
-        try:
-            reply, payload = decode(frames, MIRROR_REPLY_ADAPTER)
-        except ProtocolError as exc:
-            log.warning("malformed reply from the mirror: %s", exc.detail)
-            if self._malformed is not None:
-                self._malformed.count("mirror", exc)
+        if self.closed:
             return
-        entry = self._waiting.pop(reply.parent_id, None)
+        taken = self._pending.take(frames)
+        if taken is None:
+            # Malformed, or late: the mirror was lost meanwhile, and losing it dropped every
+            # request in flight with its carried entries (counted).
+            return
+        reply, payload, future = taken
         carried = self._carried.pop(reply.parent_id, None)
         for cache_entry in carried or ():
             cached = self._cache.pop(cache_entry, None)
@@ -473,10 +456,6 @@ class MirrorLink:
             if self._gathered and not self._flush_due:
                 self._send_gathered()  # what gathered while the window was full
         self._room.set()
-        if entry is None:
-            return
-        future, timer = entry
-        timer.cancel()
         if future.done():
             return
         if isinstance(reply, ErrorReply):
@@ -499,11 +478,12 @@ class MirrorLink:
         else:
             future.set_result(reply)
 
-    def _expire(self, msg_id: int) -> None:
-        entry = self._waiting.get(msg_id)
-        if entry is None:
-            return
-        self._lost(f"no answer in {self.timeout}s")
+    def _expired(self, future: asyncio.Future[Any]) -> None:
+        """A request went unanswered for `timeout` seconds: the mirror is lost."""
+        why = f"no answer in {self.timeout}s"
+        self._lost(why)
+        if not future.done():
+            future.set_exception(MirrorFailure(why))
 
     def _missed(self) -> None:
         """A write or trim was not sent (the mirror is down): its copy is not complete."""
@@ -523,11 +503,7 @@ class MirrorLink:
         self._fail_all(why)
 
     def _fail_all(self, why: str) -> None:
-        waiting, self._waiting = self._waiting, {}
-        for future, timer in waiting.values():
-            timer.cancel()
-            if not future.done():
-                future.set_exception(MirrorFailure(why))
+        self._pending.fail_all(lambda: MirrorFailure(why))
         self._cache.clear()
         self._carried.clear()
         self._behind_in_flight.clear()

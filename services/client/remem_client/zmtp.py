@@ -1,5 +1,8 @@
 """ZMTP 3.0, ZeroMQ's wire protocol, spoken from an asyncio loop: a DEALER without libzmq.
 
+The client's plaintext links use it (`dealer.open_dealer` chooses it); it lives in the
+client's package because nothing else speaks it: the services bind libzmq ROUTERs.
+
 Why: libzmq moves every message through an I/O thread on each side, so one request and its
 reply wake four threads besides the two that do the work. On the 2-vCPU VMs remem is
 measured on, each wake-up costs far more than the work: a one-page GET round trip to a page
@@ -194,9 +197,10 @@ class FrameReader:
         return messages
 
 
-class ZmtpBusy(Exception):
-    """The message was not sent: not connected with too many queued, or the socket's
-    buffer is full (the peer is not reading)."""
+class DealerBusy(Exception):
+    """A dealer did not take the message: not connected with too many queued, the socket's
+    buffer is full (the peer is not reading), or the dealer is closed. Raised by every
+    dealer's `send`, libzmq's (`dealer.LibzmqDealer`) too."""
 
 
 class ZmtpDealer:
@@ -206,7 +210,7 @@ class ZmtpDealer:
     `send` never blocks: it writes at once while the connection takes data, and queues up
     to `hwm` messages before the handshake or while the socket's buffer is above its
     high-water mark (a peer not reading), as a libzmq DEALER does; past that it raises
-    ZmtpBusy. Every complete message received goes to `on_message`. Messages written to a
+    DealerBusy. Every complete message received goes to `on_message`. Messages written to a
     connection that is then lost are lost: the caller's timeouts handle them, as with libzmq.
 
     Frames are sent without a copy: the buffers passed to `send` must not change until the
@@ -252,9 +256,11 @@ class ZmtpDealer:
         if transport is not None and not self._paused:
             transport.writelines(encode(frames))
             return
-        if self._closed or len(self._queue) >= self._hwm:
+        if self._closed:
+            raise DealerBusy(f"{self.endpoint}: closed")
+        if len(self._queue) >= self._hwm:
             state = "not reading" if transport is not None else "not connected"
-            raise ZmtpBusy(f"{self.endpoint}: {state}, {len(self._queue)} messages queued")
+            raise DealerBusy(f"{self.endpoint}: {state}, {len(self._queue)} messages queued")
         self._queue.append(encode(frames))
 
     def close(self) -> None:
@@ -369,4 +375,4 @@ class _Connection(asyncio.BufferedProtocol):
             self._lost.set_result(None)
 
 
-__all__ = ["FrameReader", "ZmtpBusy", "ZmtpDealer", "ZmtpError", "encode", "ready_command"]
+__all__ = ["DealerBusy", "FrameReader", "ZmtpDealer", "ZmtpError", "encode", "ready_command"]
