@@ -111,6 +111,33 @@ class TaskFreeBackend(MemoryBackend):
         await super().pwrite(offset, data, fua)
 
 
+class HangingBackend(MemoryBackend):
+    """Writes to `HANG_AT` wait on a future nobody completes; driven as `kind` says:
+    "driven" (eager and task_free), "continued" (eager: a Task adopts it once it suspends)
+    or "task" (not eager: a Task from the start)."""
+
+    HANG_AT = 1 << 20
+
+    def __init__(self, size: int, kind: str) -> None:
+        super().__init__(size)
+        self.eager = kind != "task"
+        self.task_free = kind == "driven"
+        self.stuck: asyncio.Future[None] | None = None
+        self.cancelled = 0
+        self.resumed = 0
+
+    async def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        if offset == self.HANG_AT:
+            self.stuck = asyncio.get_running_loop().create_future()
+            try:
+                await self.stuck
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            self.resumed += 1
+        await super().pwrite(offset, data, fua)
+
+
 class FailingBackend(MemoryBackend):
     """Raises what `failure` maps an offset to (errno or exception instance)."""
 
@@ -285,12 +312,13 @@ async def test_shutdown_finishes_requests_in_flight_then_closes(tmp_path: Path) 
     while not registry.get_sample_value("client_nbd_inflight_requests"):
         await asyncio.sleep(0.01)
     shutdown = asyncio.create_task(server.shutdown(10.0))
-    await asyncio.sleep(0.05)
-    assert not shutdown.done()  # waiting for the write in flight
     # a request arriving while draining is refused with ESHUTDOWN
     await in_thread(client.request, wire.Cmd.READ, 8, 0, 4096)
     reply = await in_thread(client.reply)
     assert (reply.handle, reply.error) == (8, wire.NBD_ESHUTDOWN)
+    # That refusal proves the drain began a whole round trip ago, time enough to finish
+    # were it not waiting for the write in flight.
+    assert not shutdown.done()
     backend.release.set()
     reply = await in_thread(client.reply)
     assert (reply.handle, reply.error) == (7, 0)
@@ -300,6 +328,53 @@ async def test_shutdown_finishes_requests_in_flight_then_closes(tmp_path: Path) 
     with pytest.raises(OSError):
         RawNbd.unix(str(path))
     client.close()
+
+
+@pytest.mark.parametrize("kind", ["driven", "continued", "task"])
+async def test_shutdown_that_times_out_cancels_suspended_requests(
+    tmp_path: Path, kind: str
+) -> None:
+    backend = HangingBackend(SIZE, kind)
+    registry = CollectorRegistry()
+    server = NbdServer(backend, build_metrics(registry))
+    path = tmp_path / "nbd.sock"
+    await server.listen_unix(path)
+    client = await in_thread(lambda: RawNbd.unix(str(path)).connect())
+    try:
+        payload = b"z" * 4096
+        await in_thread(client.request, wire.Cmd.WRITE, 7, HangingBackend.HANG_AT, 4096, 0, payload)
+        await in_thread(client.request, wire.Cmd.WRITE, 8, 0, 4096, 0, payload)
+        reply = await in_thread(client.reply)  # the other write is not held up
+        assert (reply.handle, reply.error) == (8, 0)
+        assert registry.get_sample_value("client_nbd_inflight_requests") == 1
+        assert backend.stuck is not None and not backend.stuck.done()
+
+        assert await server.shutdown(0.2) is False  # the drain timed out: aborted
+
+        # the request got CancelledError where it waited, and nothing of it is left
+        assert backend.cancelled == 1
+        assert registry.get_sample_value("client_nbd_inflight_requests") == 0
+        assert not server.ctx.connections
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        if kind == "driven":
+            # a future it waited on may be shared: left alone, and completing it resumes nobody
+            assert not backend.stuck.done()
+            backend.stuck.set_result(None)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert backend.resumed == 0
+            # cancelled at once, so its ESHUTDOWN reply went out before the socket closed
+            reply = await in_thread(client.reply)
+            assert (reply.handle, reply.error) == (7, wire.NBD_ESHUTDOWN)
+        assert await in_thread(client.closed_by_server)
+        assert (
+            registry.get_sample_value(
+                "client_nbd_requests_total", {"cmd": "write", "result": "error"}
+            )
+            == 1
+        )
+    finally:
+        client.close()
 
 
 async def test_pipelined_requests_over_many_buffers_and_backpressure(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import stat
@@ -22,8 +23,9 @@ from prometheus_client import REGISTRY, start_http_server
 from remem_client.memory_backend import MemoryBackend
 from remem_client.metrics import build_metrics
 from remem_client.nbd import wire
+from remem_client.nbd.connection import ExportContext
 from remem_client.nbd.handshake import Export
-from remem_client.nbd.transmission import ExportContext, connection_factory
+from remem_client.nbd.transmission import connection_factory
 
 if TYPE_CHECKING:
     import logging
@@ -72,6 +74,33 @@ async def make_backend(config: ClientConfig, registry: CollectorRegistry) -> Bac
 
         return await open_remote(config, registry)
     raise StartupError(f"unknown backend {config.backend!r}")
+
+
+def notify_service_manager(state: str, log: logging.Logger | None = None) -> bool:
+    """Send `state` (e.g. "READY=1") to systemd when it started us as Type=notify.
+
+    sd_notify(3)'s protocol without libsystemd: one datagram of newline-separated VAR=VALUE
+    lines to the AF_UNIX socket in $NOTIFY_SOCKET ('@' starts an abstract name). Units ordered
+    after remem-client.service (the swap device) start only once it has READY=1, i.e. once
+    nbd-client can connect. Best effort: a failure is logged, never fatal.
+
+    Returns:
+        True if the message was sent; False without $NOTIFY_SOCKET or on an error.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        if log is not None:
+            log.warning("could not notify the service manager: %s", exc)
+        return False
+    return True
 
 
 def nbd_unix_uri(export_name: str, path: str) -> str:
@@ -233,7 +262,9 @@ async def run(
         "serving export %r size=%d backend=%s", config.export_name, int(config.size), config.backend
     )
     log.info("ready %s", " ".join(fields))
+    notify_service_manager(f"READY=1\nSTATUS=serving {' '.join(fields)}", log)
     await stop.wait()
+    notify_service_manager("STOPPING=1", log)
     log.info("shutting down: draining in-flight requests (up to %.0fs)", config.drain_timeout)
     drained = await server.shutdown(config.drain_timeout)
     if not drained:
