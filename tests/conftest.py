@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +24,39 @@ for _prefix in ("PAGESERVER", "PLACEMENT", "MIRROR", "CLIENT", "UP"):
     os.environ.setdefault(f"REMEM_{_prefix}_INSECURE", "1")
 
 
+# How long a context whose sockets are all closed may take to terminate (pyzmq's suite: 10 s).
+TERM_TIMEOUT = 5.0
+
+
+def term_context(context: zmq.Context[zmq.Socket[bytes]], timeout: float = TERM_TIMEOUT) -> None:
+    """Terminate `context`, failing if that takes longer than `timeout`: a socket left open
+    blocks term() forever. As pyzmq's own tests/conftest.py `term_context`: term() runs in a
+    thread, joined with a timeout. The leaked sockets are then closed so nothing hangs."""
+    terminator = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+    terminator.start()
+    terminator.join(timeout)
+    if not terminator.is_alive():
+        return
+    leaked = [sock for sock in list(context._sockets) if not sock.closed]
+    described = ", ".join(sorted(sock.type.name for sock in leaked)) or "none found"
+    for sock in leaked:
+        sock.close(linger=0)
+    terminator.join(timeout)
+    pytest.fail(
+        f"the ZeroMQ context did not terminate within {timeout}s: the test left "
+        f"{len(leaked)} socket(s) open ({described})"
+    )
+
+
 @pytest.fixture
 def zmq_context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    """A context whose sockets must all be closed by the test: a leak fails, not hangs."""
+    """A context whose sockets the test must all close: a socket left open fails the test at
+    teardown (instead of hanging it, or being closed for it)."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # A closed socket's unsent messages never hold term() up: only an open socket does.
+    context.linger = 0
     yield context
-    context.destroy(linger=0)
+    term_context(context)
 
 
 @pytest.fixture
@@ -74,6 +103,23 @@ def start_pageserver(shm_dir: Path) -> Iterator[StartPageServer]:
     for service in started:
         if service.proc.poll() is None:
             service.stop()
+
+
+def histogram_buckets(
+    samples: dict[str, float], name: str, **labels: str
+) -> list[tuple[float, float]]:
+    """The (upper bound, cumulative count) buckets of histogram `name` with `labels`, in
+    order of bound, from scraped samples (`remem_common.testing.scrape_metrics`)."""
+    buckets = []
+    for key, value in samples.items():
+        metric, _, label_text = key.partition("{")
+        if metric != f"{name}_bucket":
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        le = found.pop("le")
+        if found == labels:
+            buckets.append((float(le), value))
+    return sorted(buckets)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

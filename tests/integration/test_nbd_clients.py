@@ -285,13 +285,19 @@ def scrape(service: ServiceProcess) -> dict[str, float]:
 
 
 def test_metrics_endpoint(service: ServiceProcess) -> None:
+    # The service is shared by the module's tests, so counters are compared across this test.
+    before = scrape(service)
     with RawNbd.unix(socket_of(service)).connect() as raw:
         raw.write(800 * MiB, b"m" * 4096)
         assert raw.read(800 * MiB, 4096) == b"m" * 4096
     samples = scrape(service)
-    assert samples['client_nbd_requests_total{cmd="write",result="ok"}'] >= 1
-    assert samples['client_nbd_requests_total{cmd="trim",result="invalid"}'] >= 0
-    assert samples["client_nbd_bytes_written_total"] >= 4096
+    writes_ok = 'client_nbd_requests_total{cmd="write",result="ok"}'
+    assert samples[writes_ok] == before[writes_ok] + 1
+    trims_invalid = 'client_nbd_requests_total{cmd="trim",result="invalid"}'
+    assert samples[trims_invalid] == before[trims_invalid]  # created up front, no trim sent
+    assert (
+        samples["client_nbd_bytes_written_total"] == before["client_nbd_bytes_written_total"] + 4096
+    )
     assert samples['client_nbd_request_duration_seconds_bucket{cmd="read",le="+Inf"}'] >= 1
     assert 'client_nbd_malformed_requests_total{reason="bad_request_magic"}' in samples
     assert "client_nbd_connections" in samples and "client_nbd_inflight_requests" in samples

@@ -320,7 +320,18 @@ def test_placement_restart_rebuilds_the_same_map_without_moving_anything(
         for slab, replicas in rows(before).items():
             reply = client.allocate("t", 1, slab, replicas=2)
             assert sorted(r.server_id for r in reply.replicas) == replicas
-    time.sleep(1.0)  # give a needless repair every chance to start: none may
+    # Give a needless repair every chance to start (none may): wait until placement has
+    # planned twice since these allocations, each round looking at every slab (rounds in the
+    # restart grace plan nothing and are not counted).
+    rounds = scrape(again)["placement_planning_rounds_total"]
+    wait_until(
+        "two planning rounds after the allocations",
+        lambda: scrape(again)["placement_planning_rounds_total"] >= rounds + 2,
+        timeout=30,
+    )
+    status = status_of(again)
+    assert not status.in_grace
+    assert (status.pushes, status.pushes_done, status.pushes_failed) == ([], 0, 0)
     assert rows(current_map(again)) == rows(before)
     assert push_bytes({f"ps-{z}": s for z, s in servers.items()}) == (0.0, 0.0)
     metrics = scrape(again)

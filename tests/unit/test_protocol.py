@@ -278,12 +278,12 @@ def test_an_endpoint_no_socket_can_connect_to_is_malformed(endpoint: str) -> Non
 @pytest.mark.parametrize(
     "endpoint", ["tcp://h:1", "tcp://10.0.0.7:65535", "tcp://[::1]:7000", "ipc:///tmp/ps.sock"]
 )
-def test_connectable_endpoints_are_accepted(endpoint: str) -> None:
+def test_connectable_endpoints_are_accepted(
+    endpoint: str, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
     msg = PushSlabRequest(msg_id=9, tenant="t", volume=0, slab=1, target_endpoint=endpoint)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = context.socket(zmq.DEALER)
+    sock = zmq_context.socket(zmq.DEALER)
     try:
         sock.connect(msg.target_endpoint)  # what a page server does with it
     finally:
         sock.close(linger=0)
-        context.term()

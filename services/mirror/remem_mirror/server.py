@@ -17,6 +17,8 @@ write asked for `sync`; replies follow once the group is on disk. Anything else 
 Back-pressure: while more than `queue_pages` written pages (or that many requests) wait, the
 main loop stops reading the ROUTER; ZeroMQ's queues and then the client's sends block. Nothing
 is ever dropped.
+
+`start` assembles the service from its config for `remem_common.lifecycle.run_service`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from prometheus_client import REGISTRY
+from remem_common.config import bind_address
 from remem_common.framing import decode, encode, split_routing
+from remem_common.lifecycle import Lifecycle, Servable, ServiceFailure, Started
 from remem_common.protocol.client_mirror import (
     MIRROR_REQUEST_ADAPTER,
     PAYLOAD_FRAMES,
@@ -67,8 +72,9 @@ from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.security import Role, Security
 from remem_common.wire import recv_frames
 
-from remem_mirror.metrics import MirrorMetrics
-from remem_mirror.store import MAX_RUN_PAGES, MirrorStore, plan_runs
+from remem_mirror.config import MirrorConfig
+from remem_mirror.metrics import MirrorGauges, MirrorMetrics
+from remem_mirror.store import MAX_RUN_PAGES, MirrorStore, MirrorStoreError, plan_runs
 
 # The roles whose keys the mirror admits (with Curve): the client it mirrors.
 ADMITTED_ROLES: tuple[Role, ...] = ("client",)
@@ -585,16 +591,22 @@ class MirrorServer:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stopping = True
 
-    def serve_forever(self) -> bool:
+    def serve_forever(self) -> None:
         """Serve until `request_stop`, then finish queued work within the drain timeout.
 
-        Returns:
-            True if every queued op finished and the writer stopped.
+        Raises:
+            ServiceFailure: the writer did not finish within the drain timeout.
         """
         self._thread.start()
         while not self._stopping:
             self._serve_once(POLL_MS)
-        return self._shutdown()
+        if not self._shutdown():
+            raise ServiceFailure("the writer did not finish within the drain timeout")
+
+    @property
+    def writer_running(self) -> bool:
+        """The writer thread is still busy (only after a drain that missed its timeout)."""
+        return self._thread.is_alive()
 
     def _serve_once(self, timeout_ms: int) -> None:
         poller = self._poll_replies if self.queue.full() else self._poll_all
@@ -634,14 +646,16 @@ class MirrorServer:
         self._thread.join(timeout=max(1.0, self.drain_timeout))
         finished = not self._thread.is_alive()
         self._send_replies()
-        if not finished:
-            log.error("the writer did not finish within the drain timeout")
         # Linger so the last replies leave before the socket goes.
         self.router.close(linger=1000)
         return finished
 
     def close(self) -> None:
-        self.pipe.close()
+        """Close the ROUTER (if serving never closed it) and the reply pipe, unless the
+        writer, which pushes into it, is still running."""
+        self.router.close(linger=0)
+        if not self.writer_running:
+            self.pipe.close()
 
     # -- main thread: requests in, replies out ---------------------------------------------
 
@@ -719,3 +733,70 @@ class MirrorServer:
                 ]
             self.queue.done(ops)
             self.pipe.push(replies)
+
+
+def start(config: MirrorConfig, lifecycle: Lifecycle) -> Started[Servable]:
+    """Open the mirror file, bind: the mirror, ready to serve."""
+    security = Security.from_settings(config, "mirror")
+    with lifecycle.as_config_error(MirrorStoreError, OSError):
+        store = MirrorStore(
+            config.path,
+            config.page_count,
+            config.bitmap_path,
+            direct_io=config.direct_io,
+            forget=config.forget,
+        )
+    server: MirrorServer | None = None
+
+    def close_store() -> None:
+        if server is not None and server.writer_running:
+            # The writer missed the drain timeout and may still hold the device: leave the
+            # file to the kernel (the exit status says the stop failed).
+            log.error("left %s to the kernel: the writer still holds it", config.path)
+            return
+        store.close()  # fdatasync of data and bitmap
+
+    lifecycle.callback(close_store)
+    if store.unreplicated_pages:
+        log.warning(
+            "reopened with pages held by the mirror only path=%s unreplicated_pages=%d",
+            config.path,
+            store.unreplicated_pages,
+        )
+    context = lifecycle.zmq_context()
+    metrics = MirrorMetrics(REGISTRY)
+    lifecycle.serve_security(security, context, ADMITTED_ROLES, metrics.auth)
+    server = MirrorServer(
+        store,
+        metrics,
+        context,
+        queue_pages=config.queue_pages,
+        drain_timeout=config.drain_timeout,
+        security=security,
+    )
+    lifecycle.callback(server.close)
+    with lifecycle.as_failure(f"cannot bind {config.listen}", zmq.ZMQError):
+        endpoint = server.bind(bind_address(config.listen))
+    metrics.watch(
+        MirrorGauges(
+            pending_pages=lambda: server.queue.pending_pages,
+            write_lag_seconds=server.queue.lag,
+            unreplicated_pages=lambda: store.unreplicated_pages,
+            page_count=lambda: store.page_count,
+            direct_io=lambda: store.direct_io,
+            clean=lambda: store.clean,
+        )
+    )
+    return Started(
+        server,
+        {
+            "endpoint": endpoint,
+            "metrics": lifecycle.metrics_endpoint(config.metrics_port, config.metrics_host),
+            "path": config.path,
+            "page_count": store.page_count,
+            "direct_io": store.direct_io,
+            "unreplicated_pages": store.unreplicated_pages,
+            "clean": store.clean,
+            "curve": security.enabled,
+        },
+    )

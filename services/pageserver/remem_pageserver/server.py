@@ -5,13 +5,15 @@ the store needs no locks and a push reads a page and a client overwrites it in a
 order. Batches keep the per-message cost small. While no push is running the loop blocks in
 recv on the ROUTER alone: on these VMs a zmq_poll wake-up adds ~100 us to every round trip
 that a blocking recv does not. Heartbeats to placement run in their own thread with their own
-socket; they only read the store's counters.
+socket; they only read the store's counters. `start` assembles the service from its config
+for `remem_common.lifecycle.run_service`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,8 +22,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import zmq
+from prometheus_client import REGISTRY
 from pydantic import Field, TypeAdapter
+from remem_common.config import bind_address
 from remem_common.framing import DELIMITER, decode, encode, split_routing
+from remem_common.lifecycle import Lifecycle, Servable, Started
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
     DeletePagesRequest,
@@ -65,13 +70,14 @@ from remem_common.security import (
     KeyFileError,
     Role,
     Security,
+    load_public_key,
     permits,
 )
 from remem_common.wire import has_message, recv_frames, send_frames
 
-from remem_pageserver.config import PageServerConfig
-from remem_pageserver.metrics import PageServerMetrics
-from remem_pageserver.store import NoSpaceError, PageStore
+from remem_pageserver.config import PageServerConfig, advertised_endpoint
+from remem_pageserver.metrics import PageServerMetrics, StoreGauges
+from remem_pageserver.store import ArenaError, NoSpaceError, PageStore
 
 log = logging.getLogger("pageserver")
 
@@ -302,15 +308,48 @@ class PageServer:
     def connect_placement(
         self,
         endpoint: str,
-        make_register: Callable[[int], RegisterServerRequest],
-        make_heartbeat: Callable[[int], HeartbeatRequest],
+        *,
+        data_endpoint: str,
+        metrics_url: str,
         placement_key: str | None = None,
     ) -> None:
+        """Register with placement at `endpoint` and heartbeat, from a thread of its own.
+
+        Args:
+            endpoint: placement's ZeroMQ endpoint.
+            data_endpoint: where clients and peers reach this server (the advertised one).
+            metrics_url: where placement scrapes this server's utilization.
+            placement_key: placement's Curve public key (None without Curve).
+        """
+        store = self.store
+
+        def register(msg_id: int) -> RegisterServerRequest:
+            return RegisterServerRequest(
+                msg_id=msg_id,
+                server_id=self.server_id,
+                data_endpoint=data_endpoint,
+                metrics_url=metrics_url,
+                capacity_bytes=store.capacity_pages * PAGE_SIZE,
+                used_bytes=store.used_pages * PAGE_SIZE,
+                zone=self.config.zone,
+                started_at=self.started_at,
+                public_key=self.security.public_key,
+            )
+
+        def heartbeat(msg_id: int) -> HeartbeatRequest:
+            return HeartbeatRequest(
+                msg_id=msg_id,
+                server_id=self.server_id,
+                used_bytes=store.used_pages * PAGE_SIZE,
+                capacity_bytes=store.capacity_pages * PAGE_SIZE,
+                under_pressure=self._check_pressure(),
+            )
+
         self.placement = PlacementLink(
             self.context,
             endpoint,
-            make_register,
-            make_heartbeat,
+            register,
+            heartbeat,
             self.metrics,
             security=self.security,
             placement_key=placement_key,
@@ -322,6 +361,13 @@ class PageServer:
             daemon=True,
         )
         self._placement_thread.start()
+
+    def _check_pressure(self) -> bool:
+        """Is the host short of memory (MemAvailable under --host-reserve)? Kept for the
+        pressure gauge; asked at each heartbeat."""
+        reserve = int(self.config.host_reserve)
+        self.under_pressure = reserve > 0 and host_available_bytes() < reserve
+        return self.under_pressure
 
     def request_stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -388,9 +434,15 @@ class PageServer:
                 self._serve_once(10)
         for job in list(self._jobs.values()):
             self._finish_push(job, ErrorCode.SHUTTING_DOWN, "page server is stopping")
+
+    def close(self) -> None:
+        """Stop the placement link and close the ROUTER (also when serving never began)."""
         self._placement_stop.set()
         if self._placement_thread is not None:
             self._placement_thread.join(timeout=5)
+        for job in list(self._jobs.values()):
+            self._jobs.pop(job.socket, None)
+            job.socket.close(linger=0)
         self.router.close(linger=0)
 
     # -- request dispatch ------------------------------------------------------------------
@@ -698,6 +750,77 @@ class PageServer:
             self.router.send_multipart([*job.routing, *reply], flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("dropped a push reply: the requester is not reading")
+
+
+def host_available_bytes() -> int:
+    """MemAvailable of this host, from /proc/meminfo."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def start(config: PageServerConfig, lifecycle: Lifecycle) -> Started[Servable]:
+    """Open the arena, bind, register with placement: the page server, ready to serve."""
+    security = Security.from_settings(config, "pageserver")
+    placement_key = (
+        load_public_key(config.placement_public_key) if config.placement_public_key else None
+    )
+    with lifecycle.as_config_error(ArenaError, OSError):
+        store = PageStore(config.shm_path, config.capacity_pages, forget=config.forget)
+    lifecycle.callback(store.close)
+    if store.used_pages:
+        log.info(
+            "arena reopened path=%s pages=%d slabs=%d committed_bytes=%d",
+            config.shm_path,
+            store.used_pages,
+            store.slab_count,
+            store.committed_bytes,
+        )
+    context = lifecycle.zmq_context()
+    metrics = PageServerMetrics(REGISTRY)
+    lifecycle.serve_security(security, context, ADMITTED_ROLES, metrics.auth)
+    listen = bind_address(config.listen)
+    port_hint = listen.rsplit(":", 1)[-1]
+    server_id = config.server_id or f"{socket.gethostname()}-{port_hint}"
+    server = PageServer(config, store, metrics, context, server_id=server_id, security=security)
+    lifecycle.callback(server.close)
+    with lifecycle.as_failure(f"cannot bind {config.listen}", zmq.ZMQError):
+        bound = server.bind(listen)
+    if config.server_id is None and port_hint == "*":
+        server.server_id = f"{socket.gethostname()}-{bound.rsplit(':', 1)[-1]}"
+    metrics.watch_store(
+        StoreGauges(
+            capacity_bytes=lambda: store.capacity_pages * PAGE_SIZE,
+            used_bytes=lambda: store.used_pages * PAGE_SIZE,
+            committed_bytes=lambda: store.committed_bytes,
+            pages=lambda: store.used_pages,
+            slabs=lambda: store.slab_count,
+            under_pressure=lambda: server.under_pressure,
+        )
+    )
+    metrics_url = lifecycle.metrics_endpoint(config.metrics_port, config.metrics_host)
+    endpoint = advertised_endpoint(bound, config.advertise)
+    if config.placement:
+        server.connect_placement(
+            config.placement,
+            data_endpoint=endpoint,
+            metrics_url=metrics_url,
+            placement_key=placement_key,
+        )
+    return Started(
+        server,
+        {
+            "endpoint": endpoint,
+            "metrics": metrics_url,
+            "server_id": server.server_id,
+            "zone": config.zone,
+            "capacity_pages": store.capacity_pages,
+            "pages": store.used_pages,
+            "curve": security.enabled,
+        },
+    )
 
 
 def _count_malformed(metrics: PageServerMetrics, exc: ProtocolError) -> None:

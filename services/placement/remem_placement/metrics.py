@@ -106,6 +106,12 @@ class PlacementMetrics:
             "Failed metric scrapes or Prometheus queries",
             registry=registry,
         )
+        self.planning_rounds = Counter(
+            "placement_planning_rounds_total",
+            "Repair planning rounds run (each looks at every slab for missing or leaving "
+            "replicas); none run during the restart grace",
+            registry=registry,
+        )
         self.ok = {op: self.requests.labels(op, "ok") for op in OPS}
         self.error = {op: self.requests.labels(op, "error") for op in OPS}
         self.push_ok = self.pushes.labels("ok")

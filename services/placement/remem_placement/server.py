@@ -9,6 +9,8 @@
 - Timers between polls: liveness, utilization samples (HTTP in a thread pool, collected
   here), repair planning, push timeouts.
 
+`start` assembles the service from its config for `remem_common.lifecycle.run_service`.
+
 Placement never sends or receives page data: no message here has payload frames, and every
 byte through its sockets is counted in `placement_message_bytes_total`.
 """
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import zmq
+from prometheus_client import REGISTRY
 from pydantic import BaseModel, Field, TypeAdapter
 from remem_common.config import bind_address
 from remem_common.framing import decode, encode, split_routing
+from remem_common.lifecycle import Lifecycle, Servable, Started
 from remem_common.protocol.admin_placement import (
     DrainServerReply,
     DrainServerRequest,
@@ -73,7 +77,7 @@ from remem_common.security import (
 )
 
 from remem_placement.config import PlacementConfig
-from remem_placement.metrics import PlacementMetrics
+from remem_placement.metrics import PlacementMetrics, StateGauges
 from remem_placement.policy import (
     Cluster,
     Drop,
@@ -217,9 +221,9 @@ class PlacementServer:
         self._stopping = True
 
     def serve_forever(self) -> None:
+        """Serve until `request_stop`; nothing to drain (`close` ends the links)."""
         while not self._stopping:
             self.serve_once(POLL_MS)
-        self.close()
 
     def close(self) -> None:
         # Closing a link fails its pending pushes, and a failed push orders drops: with
@@ -254,6 +258,8 @@ class PlacementServer:
             # Planning walks every slab: at most every PLAN_INTERVAL, not per message.
             self._next_plan = now + PLAN_INTERVAL
             pushes, drops = self.cluster.plan(now, wall)
+            if not self.cluster.in_grace(now):
+                self.metrics.planning_rounds.inc()
             self._send_drops(drops)
             for push in pushes:
                 self._send_push(push)
@@ -835,6 +841,54 @@ class PlacementServer:
                     [map_topic(tenant, volume), notice.model_dump_json().encode()],
                     flags=zmq.NOBLOCK,
                 )
+
+
+def start(config: PlacementConfig, lifecycle: Lifecycle) -> Started[Servable]:
+    """Build the cluster state, bind: placement, ready to serve."""
+    security = Security.from_settings(config, "placement")
+    # Epochs only need to grow, also across restarts of placement: start from the clock in
+    # microseconds, far above anything a previous run could have counted up to.
+    cluster = Cluster(config.policy(), started=time.monotonic(), epoch_start=time.time_ns() // 1000)
+    metrics = PlacementMetrics(REGISTRY)
+    metrics.watch(
+        StateGauges(
+            servers=lambda: _count_states(cluster),
+            slabs=cluster.slab_states,
+            epoch=lambda: cluster.epoch,
+        )
+    )
+    context = lifecycle.zmq_context()
+    lifecycle.serve_security(security, context, ADMITTED_ROLES, metrics.auth)
+    utilization = UtilizationPoller(
+        config.utilization_source,
+        interval=config.scrape_interval,
+        timeout=config.scrape_timeout,
+        prometheus_url=config.prometheus_url,
+    )
+    server = PlacementServer(config, cluster, metrics, context, utilization, security)
+    lifecycle.callback(server.close)
+    with lifecycle.as_failure("cannot bind", zmq.ZMQError):
+        endpoint = server.bind(config.listen)
+        publish = server.bind_publish(config.publish) if config.publish else None
+    ready: dict[str, object] = {
+        "endpoint": endpoint,
+        "metrics": lifecycle.metrics_endpoint(config.metrics_port, config.metrics_host),
+    }
+    if publish:
+        ready["publish"] = publish
+    ready |= {
+        "source": config.utilization_source,
+        "grace": f"{config.restart_grace:.1f}s",
+        "curve": security.enabled,
+    }
+    return Started(server, ready)
+
+
+def _count_states(cluster: Cluster) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for server in cluster.servers.values():
+        counts[server.state] = counts.get(server.state, 0) + 1
+    return counts
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:
