@@ -120,9 +120,9 @@ deps-vm: deps
 
 # A restart of the remem client under swap loses nothing: Debian's kernel in a qemu guest
 # (TCG) swaps a 320 MiB hog (128 MiB of RAM) to remem through the units of deploy/systemd,
-# the client is restarted twice (idle, then under page-ins), every byte is verified; once
-# through remem-swap-proxy (must pass) and once straight to the client (an expected
-# failure). Downloads the kernel package once (cache: REMEM_VM_CACHE). ~3 min here.
+# the client is restarted twice (idle, then under page-ins: it hands its NBD connection to
+# the next process through the unit's file-descriptor store), every byte is verified.
+# Downloads the kernel package once (cache: REMEM_VM_CACHE). ~3 min here.
 test-vm: deps-vm install
 	$(PYTEST) tests/system/vm -m vm -q -rxX --durations=0
 

@@ -128,6 +128,12 @@ class ClientConfig(CurveSettings):
     drain_timeout: float = Field(
         10.0, gt=0, description="seconds to finish in-flight requests on SIGTERM"
     )
+    handover: bool = Field(
+        False,
+        description="on SIGTERM, hand the NBD connections to systemd's file-descriptor store "
+        "(FileDescriptorStoreMax=) instead of closing them, and resume them on the next "
+        "start: a restart under swap goes unseen by the kernel",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -3,33 +3,36 @@
 `NbdServer` serves one export over any number of Unix/TCP listeners (usable in-process by
 tests); `run` is the service: build the backend, bind everything, log the ready line,
 serve until SIGTERM/SIGINT, then stop accepting, let in-flight requests finish (requests
-that arrive meanwhile get ESHUTDOWN), close connections and the backend, exit 0.
+that arrive meanwhile get ESHUTDOWN), close connections and the backend, exit 0. With
+`--handover` under systemd the connections are not closed but passed to the next process
+through the service manager (handover.py); a second signal during either exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
 import stat
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from prometheus_client import REGISTRY, start_http_server
 
+from remem_client import handover
 from remem_client.memory_backend import MemoryBackend
 from remem_client.metrics import build_metrics
 from remem_client.nbd import wire
 from remem_client.nbd.connection import ExportContext
 from remem_client.nbd.handshake import Export
-from remem_client.nbd.transmission import connection_factory
+from remem_client.nbd.transmission import NbdConnection, connection_factory
 
 if TYPE_CHECKING:
-    import logging
-
     from prometheus_client import CollectorRegistry
 
     from remem_client.backend import Backend
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_FORCED = 130  # a second SIGTERM/SIGINT cut the shutdown short
 
 
 class StartupError(Exception):
@@ -174,6 +178,64 @@ class NbdServer:
         bound = server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 
+    async def adopt(self, sock: socket.socket, state: handover.ConnectionState) -> None:
+        """Serve a connection handed over by the previous process: transmission, no handshake."""
+        sock.setblocking(False)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            partial(NbdConnection, self.ctx, (state.negotiated, state.pending)), sock
+        )
+
+    async def hand_over(self, directory: Path, timeout: float, log: logging.Logger) -> int:
+        """Pass every connection in transmission to the service manager, then shut down.
+
+        Each stops reading at a request boundary, answers what it has read, and goes to the
+        file-descriptor store with its state (handover.py); connections that cannot (in the
+        handshake, closing, or not idle within `timeout`) drain and close as in `shutdown`.
+
+        Returns:
+            The number of connections handed over.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for server in self._servers:
+            server.close()
+        handover.clear_states(directory)
+        moving = [c for c in list(self.ctx.connections) if c.begin_handover()]
+        tasks = {loop.create_task(c.hand_over()): c for c in moving}
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        moved = 0
+        for index, (task, connection) in enumerate(tasks.items()):
+            if not task.done():
+                log.warning("handover: a connection did not become idle in %.0fs", timeout)
+                task.cancel()
+                connection.abort()
+                continue
+            handed = task.result()
+            if handed is None:
+                continue
+            name = f"{handover.FDNAME_PREFIX}{index}"
+            state = handover.ConnectionState(
+                export=self.ctx.export.name,
+                size=self.ctx.export.size,
+                structured=handed.negotiated.structured_replies,
+                transmission_flags=handed.negotiated.transmission_flags,
+                pending=handed.pending,
+            )
+            try:
+                handover.write_state(directory, name, state)
+                handover.notify_with_fds(f"FDSTORE=1\nFDNAME={name}", [handed.fd])
+            except OSError as exc:
+                log.error("handover: could not store connection %s: %s", name, exc)
+            else:
+                moved += 1
+            finally:
+                os.close(handed.fd)
+            # The store holds the socket now: closing ours sends nothing to the peer.
+            connection.abort()
+        await self.shutdown(max(0.1, deadline - loop.time()))
+        return moved
+
     async def shutdown(self, drain_timeout: float) -> bool:
         """Stop accepting, drain in-flight requests, close everything.
 
@@ -204,14 +266,75 @@ class NbdServer:
         return drained
 
 
+async def adopt_connections(server: NbdServer, log: logging.Logger) -> int:
+    """Resume the connections the service manager passed us (LISTEN_FDS named nbd-*).
+
+    Each must have a state file matching this export; any other descriptor, or one without
+    usable state, is closed (its peer reconnects as after a crash). Every name is then
+    removed from the store and the state files deleted: the store holds only connections
+    in transit.
+
+    Returns:
+        The number of connections resumed.
+    """
+    passed = handover.listen_fds(os.environ)
+    if not passed:
+        return 0
+    try:
+        directory: Path | None = handover.state_directory(os.environ)
+    except handover.HandoverUnavailable:
+        directory = None
+    adopted = 0
+    for fd, name in passed:
+        sock = None
+        try:
+            if not name.startswith(handover.FDNAME_PREFIX):
+                raise ValueError("not an NBD connection")
+            if directory is None:
+                raise ValueError("no $RUNTIME_DIRECTORY for its state")
+            state = handover.read_state(directory, name)
+            mismatch = state.mismatch(server.ctx)
+            if mismatch is not None:
+                raise ValueError(mismatch)
+            sock = socket.socket(fileno=fd)
+            if sock.type != socket.SOCK_STREAM:
+                raise ValueError("not a stream socket")
+            await server.adopt(sock, state)
+            adopted += 1
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("passed descriptor %s (fd %d) closed: %s", name, fd, exc)
+            if sock is not None:
+                sock.close()
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        handover.forget_stored(name, log)
+    if directory is not None:
+        handover.clear_states(directory)
+    return adopted
+
+
 async def run(
     config: ClientConfig, log: logging.Logger, registry: CollectorRegistry = REGISTRY
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit status."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def force_exit() -> None:
+        # The operator (or systemd's stop timeout) is done waiting: go now, as a SIGKILL
+        # would, but with a line in the log and a status that says so.
+        log.warning("second signal: exiting without finishing the shutdown")
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+
+    def first_signal() -> None:
+        stop.set()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, force_exit)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, first_signal)
     try:
         backend = await make_backend(config, registry)
     except StartupError as exc:
@@ -256,6 +379,9 @@ async def run(
             metrics_http.shutdown()
         return EXIT_FAILURE
 
+    adopted = await adopt_connections(server, log)
+    if adopted:
+        fields.append(f"resumed={adopted}")
     metrics_host, metrics_port = metrics_http.server_address[:2]
     fields.append(f"metrics=http://{host_port(str(metrics_host), int(metrics_port))}")
     log.info(
@@ -265,10 +391,21 @@ async def run(
     notify_service_manager(f"READY=1\nSTATUS=serving {' '.join(fields)}", log)
     await stop.wait()
     notify_service_manager("STOPPING=1", log)
-    log.info("shutting down: draining in-flight requests (up to %.0fs)", config.drain_timeout)
-    drained = await server.shutdown(config.drain_timeout)
-    if not drained:
-        log.warning("drain timed out; remaining connections aborted")
+    directory = None
+    if config.handover:
+        try:
+            directory = handover.check_available(os.environ)
+        except handover.HandoverUnavailable as exc:
+            log.warning("no handover, the connections will close: %s", exc)
+    if directory is not None:
+        log.info("handing over: answering requests read so far (up to %.0fs)", config.drain_timeout)
+        moved = await server.hand_over(directory, config.drain_timeout, log)
+        log.info("handed over %d connection(s) to the service manager", moved)
+    else:
+        log.info("shutting down: draining in-flight requests (up to %.0fs)", config.drain_timeout)
+        drained = await server.shutdown(config.drain_timeout)
+        if not drained:
+            log.warning("drain timed out; remaining connections aborted")
     with contextlib.suppress(Exception):
         metrics_http.shutdown()
         metrics_http.server_close()

@@ -54,6 +54,11 @@ ip link set eth0 up || finish FAIL "no eth0"
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 
+# Swapping over TCP sends every page-out through the network stack, whose buffers then come
+# from the kernel's emergency reserves (GFP_NOIO|__GFP_MEMALLOC); a 128 MiB guest's default
+# (~1.4 MB) ran dry under the hog and stalled the swap device in page allocation failures.
+# Hosts that swap over the network raise it the same way.
+echo 8192 > /proc/sys/vm/min_free_kbytes
 run_command /tmp/exec-start || finish FAIL "ExecStart rc=$?"
 # nbd's messages (a lost connection, a stuck request) on the console from here on.
 dmesg -n 7

@@ -15,15 +15,12 @@ guest's console; the hog reads every byte back, and when it is 30% through the h
 the client once more, this time while page-ins are in flight. Any wrong word, a guest kernel
 panic, oops or hung task, a swap I/O error, or a step overrunning its bound fails the test.
 
-Two ways to attach, as swap.env allows:
-* proxy (the shipped default): the swap device talks to remem-swap-proxy.service (nbdkit's
-  retry filter, here on the host's loopback for the guest), which forwards to the client's
-  Unix socket and holds requests while the client restarts. Must pass.
-* direct: nbd-client -persist -nonetlink straight to the client. Linux 6.1 fails the
-  requests issued while the client is down ("Dead connection, failed to find a fallback"),
-  so page-ins fail and processes die (the guest panics when one is init). Expected to fail
-  (xfail, strict): it shows why the proxy exists, and starts passing (failing the suite,
-  so someone removes the xfail) once the client keeps its connections across a restart.
+nbd-client attaches straight to the client (here over TCP, for the guest). Linux 6.1 fails
+every request issued while an NBD connection is down ("Dead connection, failed to find a
+fallback"), so the connection must never go down: on SIGTERM the client answers what it has
+read and hands the socket to the unit's file-descriptor store (FileDescriptorStoreMax=,
+played by units.py as systemd 252 does), and the next process resumes it without a
+handshake. The test checks that each restart passed the connection on (LISTEN_FDNAMES).
 
 `make test-vm` runs it (after `make deps-vm`: qemu, nbd-client, busybox-static).
 """
@@ -140,25 +137,6 @@ def wait_registered(endpoint: str, keys: Path, timeout: float = 60) -> None:
     raise AssertionError(f"page servers not registered with placement after {timeout}s")
 
 
-@pytest.fixture(
-    params=[
-        "proxy",
-        pytest.param(
-            "direct",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Linux 6.1 fails requests issued while the server is away; nbd-client "
-                "-persist only reconnects (see remem-swap-proxy.service)",
-            ),
-        ),
-    ]
-)
-def attach(request: pytest.FixtureRequest) -> str:
-    """What the guest's nbd-client attaches to: remem-swap-proxy, or the client itself."""
-    mode: str = request.param
-    return mode
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """Placement and page servers on loopback TCP with Curve; yields (endpoint, keys)."""
@@ -203,11 +181,9 @@ def service_unit(name: str, env: dict[str, str], tmp_path: Path) -> ServiceUnit:
     example = read_environment_file(UNITS / Path(env_file_name).name)
     env_file = tmp_path / Path(env_file_name).name
     write_environment_file(env_file, {**example, **env})
-    nbdkit = shutil.which("nbdkit")
-    assert nbdkit is not None, "nbdkit is not installed (make deps)"
     return ServiceUnit(
         unit=unit,
-        executables={"/usr/local/bin/remem": REMEM, "/usr/bin/nbdkit": nbdkit},
+        executables={"/usr/local/bin/remem": REMEM},
         files={env_file_name: env_file},
         runtime=tmp_path,
         log_path=tmp_path / f"{name}.log",
@@ -218,9 +194,7 @@ def nbd_requests(metrics: dict[str, float], cmd: str, result: str = "ok") -> int
     return int(metrics.get(f'client_nbd_requests_total{{cmd="{cmd}",result="{result}"}}', 0))
 
 
-def test_client_restart_under_swap_loses_nothing(
-    tmp_path: Path, cluster: tuple[str, Path], attach: str
-) -> None:
+def test_client_restart_under_swap_loses_nothing(tmp_path: Path, cluster: tuple[str, Path]) -> None:
     missing = guest.missing_tools()
     assert not missing, f"missing {', '.join(missing)}: run `make deps-vm`"
     placement, keys = cluster
@@ -254,25 +228,12 @@ def test_client_restart_under_swap_loses_nothing(
         "REMEM_CLIENT_PAGE_KEY": str(tmp_path / "page.key"),
         "REMEM_CLIENT_METRICS_PORT": "0",
     }
-    # The guest reaches the host's loopback as 10.0.2.2 (qemu's user network): whatever it
-    # attaches to listens on TCP here.
+    # The guest reaches the host's loopback as 10.0.2.2 (qemu's user network): the client
+    # listens on TCP here too.
     swap_env = {"REMEM_SWAP_SERVER": f"10.0.2.2:{nbd_port}"}
-    units: list[ServiceUnit] = [mirror]
-    if attach == "direct":
-        client_env["REMEM_CLIENT_NBD_LISTEN"] = f"127.0.0.1:{nbd_port}"
+    client_env["REMEM_CLIENT_NBD_LISTEN"] = f"127.0.0.1:{nbd_port}"
     client = service_unit("remem-client", client_env, tmp_path)
-    units.append(client)
-    if attach == "proxy":
-        units.append(
-            service_unit(
-                "remem-swap-proxy",
-                {
-                    "REMEM_SWAP_PROXY_LISTEN": f"--ipaddr 127.0.0.1 --port {nbd_port}",
-                    "REMEM_SWAP_PROXY_UPSTREAM": str(client_socket),
-                },
-                tmp_path,
-            )
-        )
+    units: list[ServiceUnit] = [mirror, client]
     swap_unit = UnitFile.load(UNITS / "remem-swap@.service", instance="nbd0")
     swap_env = {**read_environment_file(UNITS / "swap.env"), **swap_env}
     (start_swap,) = swap_unit.commands("ExecStart", swap_env)
@@ -342,7 +303,7 @@ def test_client_restart_under_swap_loses_nothing(
 
     served = [(nbd_requests(m, "read"), nbd_requests(m, "write")) for m in (first, second, third)]
     print(
-        f"client restart under swap ({attach}): "
+        "client restart under swap: "
         + " ".join(f"{name}={value:.1f}" for name, value in figures.items())
         + " client processes (reads, writes): "
         + " ".join(f"#{n}={r},{w}" for n, (r, w) in enumerate(served, 1))
@@ -360,6 +321,9 @@ def test_client_restart_under_swap_loses_nothing(
     errors = [line for line in vm.lines if SWAP_IO_ERROR.search(line)]
     assert not errors, "swap I/O errors in the guest:\n" + "\n".join(errors[:20])
     assert set(stopped.values()) == {0}, stopped
+    # Each restart passed the kernel's connection on through the store, and the next
+    # process took it out again.
+    assert client.passed == [[], ["nbd-0"], ["nbd-0"]], client.passed
 
 
 def metrics_url(client: ServiceUnit) -> str:

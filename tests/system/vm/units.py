@@ -9,22 +9,37 @@ systemd does. `stop` runs ExecStop= lines, then sends the KillSignal= (SIGTERM) 
 and waits up to TimeoutStopSec=; `restart` is stop then start, which is what
 `systemctl restart` does to a unit.
 
+The file-descriptor store (FileDescriptorStoreMax=) as systemd 252 keeps it: the main
+process sends descriptors with "FDSTORE=1" (and FDNAME=; SCM_RIGHTS on the notify socket,
+sd_pid_notify_with_fds(3)), up to the maximum (more, or any with a store of 0, are closed);
+the same open file twice is kept once; "FDSTOREREMOVE=1" with FDNAME= closes the ones of
+that name; a descriptor that shows POLLHUP or POLLERR is dropped. The store survives
+`restart` and goes with a full `stop`. The next ExecStart= gets the descriptors from fd 3
+on, with LISTEN_FDS=, LISTEN_FDNAMES= and LISTEN_PID= its own pid (sd_listen_fds(3)).
+RuntimeDirectory= is made under the stand-in's folder and named in $RUNTIME_DIRECTORY;
+RuntimeDirectoryPreserve=restart keeps it over a restart.
+
 What this stand-in does not do: User=, capabilities, the sandboxing options, and
-State/RuntimeDirectory= (a test's env file points at its own folders instead); only what
-the units here use is supported, and anything else (a `$VAR` in an Exec line, an unknown
-specifier, another Type=) is refused rather than run differently.
+StateDirectory= (a test's env file points at its own folders instead); only what the units
+here use is supported, and anything else (a `$VAR` in an Exec line, an unknown specifier,
+another Type=) is refused rather than run differently.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import os
 import re
 import resource
+import select
 import shlex
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +55,20 @@ _TIMESPAN_UNITS = {
 
 
 CAP_SYS_RESOURCE = 24
+SD_LISTEN_FDS_START = 3
+FDNAME_MAX = 255
+MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD
+
+
+def fdname_is_valid(name: str) -> bool:
+    """systemd's rule: printable ASCII but ':' (the LISTEN_FDNAMES separator), 1-255 long."""
+    return 0 < len(name) <= FDNAME_MAX and all(" " <= c <= "~" and c != ":" for c in name)
+
+
+def same_open_file(a: int, b: int) -> bool:
+    """Whether two descriptors are the same open file (systemd's same_fd, by inode)."""
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def has_capability(bit: int) -> bool:
@@ -214,7 +243,13 @@ class ServiceUnit:
     status: str = ""
     starts: int = 0
     not_applied: set[str] = field(default_factory=set)
+    # the file-descriptor store: (fd, name) in the order they came
+    fd_store: list[tuple[int, str]] = field(default_factory=list)
+    # FDNAMEs of the descriptors each start was given, in order
+    passed: list[list[str]] = field(default_factory=list)
     _log: IO[bytes] | None = None
+    _notify: socket.socket | None = None
+    _ready = False
 
     @property
     def type(self) -> str:
@@ -228,11 +263,25 @@ class ServiceUnit:
         value = self.unit.value("Service", key)
         return DEFAULT_TIMEOUT if value is None else parse_timespan(value)
 
+    @property
+    def fd_store_max(self) -> int:
+        return int(self.unit.value("Service", "FileDescriptorStoreMax", "0") or "0")
+
+    @property
+    def runtime_directory(self) -> Path | None:
+        name = self.unit.value("Service", "RuntimeDirectory")
+        return None if name is None else self.runtime / "run" / name
+
     def environment(self) -> dict[str, str]:
         env = dict(BASE_ENVIRONMENT)
         # The services run the code the test itself imports (a source tree on PYTHONPATH).
         if "PYTHONPATH" in os.environ:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        # Environment= first: EnvironmentFile= settings override it (systemd.exec(5)).
+        for assignment in self.unit.values("Service", "Environment"):
+            for word in shlex.split(assignment):
+                key, _, value = word.partition("=")
+                env[key] = value
         for name in self.unit.values("Service", "EnvironmentFile"):
             optional = name.startswith("-")
             name = name.removeprefix("-")
@@ -240,10 +289,8 @@ class ServiceUnit:
                 raise UnitError(f"{self.unit.name}: no file given for EnvironmentFile={name}")
             if self.files[name].exists() or not optional:
                 env.update(read_environment_file(self.files[name]))
-        for assignment in self.unit.values("Service", "Environment"):
-            for word in shlex.split(assignment):
-                key, _, value = word.partition("=")
-                env[key] = value
+        if self.runtime_directory is not None:
+            env["RUNTIME_DIRECTORY"] = str(self.runtime_directory)
         return env
 
     def argv(self, command: list[str]) -> list[str]:
@@ -272,6 +319,18 @@ class ServiceUnit:
                 self.not_applied.add(f"OOMScoreAdjust={oom} (no CAP_SYS_RESOURCE here)")
         return wrapped
 
+    def _notify_socket(self) -> socket.socket:
+        """The unit's notify socket, bound once and kept: messages sent while the stand-in
+        is not waiting (FDSTORE=1 on the way out) queue there, as they do for systemd."""
+        if self._notify is None:
+            path = self.runtime / f"notify-{self.unit.name}"
+            path.unlink(missing_ok=True)
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            notify.bind(str(path))
+            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._notify = notify
+        return self._notify
+
     def start(self) -> None:
         """ExecStart=; returns when systemd would call the unit started (READY=1 for notify).
 
@@ -280,39 +339,53 @@ class ServiceUnit:
         """
         env = self.environment()
         (command,) = self.unit.commands("ExecStart", env)
-        notify: socket.socket | None = None
-        if self.type == "notify":
-            path = self.runtime / f"notify-{self.unit.name}"
-            path.unlink(missing_ok=True)
-            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            notify.bind(str(path))
-            notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            env["NOTIFY_SOCKET"] = str(path)
+        # FileDescriptorStoreMax= implies NotifyAccess=main, hence a notify socket.
+        notify = self.type == "notify" or self.fd_store_max > 0
+        if notify:
+            env["NOTIFY_SOCKET"] = self._notify_socket().getsockname()
+        runtime_directory = self.runtime_directory
+        if runtime_directory is not None:
+            runtime_directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self._log is None:
             self._log = self.log_path.open("ab")
-        self._log.write(f"---- start {self.starts + 1}: {self.argv(command)}\n".encode())
+        argv = self.argv(command)
+        self._drop_hung_up()
+        stored = list(self.fd_store)
+        self.passed.append([name for _fd, name in stored])
+        sources = [fd for fd, _name in stored]
+        if stored:
+            env["LISTEN_FDS"] = str(len(stored))
+            env["LISTEN_FDNAMES"] = ":".join(name for _fd, name in stored)
+            # The descriptors go on 3, 4, ... and LISTEN_PID= is the service's own pid:
+            # both are done by a small exec helper (same pid: it, prlimit and choom exec).
+            argv = [
+                sys.executable, "-c", _LISTEN_FDS_HELPER, str(len(sources)),
+                *map(str, sources), *argv,
+            ]  # fmt: skip
+        self._log.write(f"---- start {self.starts + 1}: {argv} fds={self.passed[-1]}\n".encode())
         self._log.flush()
+        self._ready = False
         self.proc = subprocess.Popen(
-            self.argv(command),
+            argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=tuple(sources),
         )
         self.starts += 1
-        if notify is not None:
-            try:
-                self._wait_ready(notify, self.timeout("TimeoutStartSec"))
-            finally:
-                notify.close()
+        if self.type == "notify":
+            self._wait_ready(self.timeout("TimeoutStartSec"))
 
-    def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
+    def _wait_ready(self, timeout: float) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        creds_size = socket.CMSG_SPACE(struct.calcsize("iII"))
-        while True:
+        while not self._ready:
             if self.proc.poll() is not None:
+                self._read_notifications(0)
+                if self._ready:
+                    return
                 raise UnitError(
                     f"{self.unit.name} exited ({self.proc.returncode}) before READY=1; "
                     f"see {self.log_path}"
@@ -320,33 +393,106 @@ class ServiceUnit:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise UnitError(f"{self.unit.name} not ready after {timeout}s")
-            notify.settimeout(min(left, 0.5))
-            try:
-                data, ancillary, _flags, _address = notify.recvmsg(4096, creds_size)
-            except TimeoutError:
-                continue
+            self._read_notifications(min(left, 0.5))
+
+    def _read_notifications(self, wait: float) -> None:
+        """Handle the notify messages queued, waiting up to `wait` seconds for the first."""
+        notify = self._notify
+        if notify is None:
+            return
+        creds_size = socket.CMSG_SPACE(struct.calcsize("iII"))
+        rights_size = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+        while select.select([notify], [], [], wait)[0]:
+            wait = 0
+            data, ancillary, _flags, _address = notify.recvmsg(
+                4096, creds_size + rights_size, socket.MSG_CMSG_CLOEXEC
+            )
             sender = None
+            fds: list[int] = []
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     sender = struct.unpack("iII", payload[: struct.calcsize("iII")])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                    fds.extend(received)
             # NotifyAccess=main: systemd ignores messages from any other process.
-            if sender != self.proc.pid:
+            if self.proc is None or sender != self.proc.pid:
+                _close_all(fds)
                 continue
-            fields = dict(
-                line.partition("=")[::2] for line in data.decode().splitlines() if "=" in line
-            )
-            self.status = fields.get("STATUS", self.status)
-            if fields.get("READY") == "1":
-                return
+            self._notification(data.decode(errors="replace").splitlines(), fds)
 
-    def stop(self) -> int:
+    def _notification(self, lines: list[str], fds: list[int]) -> None:
+        """One message of the main process (systemd 252's service_notify_message)."""
+        fields = dict(line.partition("=")[::2] for line in lines if "=" in line)
+        self.status = fields.get("STATUS", self.status)
+        if fields.get("READY") == "1":
+            self._ready = True
+        name = fields.get("FDNAME")
+        if "FDSTOREREMOVE=1" in lines and name is not None and fdname_is_valid(name):
+            keep = []
+            for fd, stored_name in self.fd_store:
+                if stored_name == name:
+                    os.close(fd)
+                else:
+                    keep.append((fd, stored_name))
+            self.fd_store = keep
+        if "FDSTORE=1" in lines:
+            if name is None or not fdname_is_valid(name):
+                name = "stored"
+            for fd in fds:
+                if any(same_open_file(fd, kept) for kept, _ in self.fd_store):
+                    os.close(fd)
+                elif len(self.fd_store) >= self.fd_store_max:
+                    self._note(f"fd store full ({self.fd_store_max}): closing {name}")
+                    os.close(fd)
+                else:
+                    self.fd_store.append((fd, name))
+            return
+        _close_all(fds)  # descriptors sent without FDSTORE=1 are not kept
+
+    def _drop_hung_up(self) -> None:
+        """Close stored descriptors that show POLLHUP or POLLERR, as systemd does."""
+        keep = []
+        for fd, name in self.fd_store:
+            poller = select.poll()
+            poller.register(fd, select.POLLHUP | select.POLLERR)
+            if poller.poll(0):
+                self._note(f"fd store: {name} hung up, dropped")
+                os.close(fd)
+            else:
+                keep.append((fd, name))
+        self.fd_store = keep
+
+    def _note(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(f"---- {text}\n".encode())
+            self._log.flush()
+
+    def _release_fd_store(self) -> None:
+        _close_all([fd for fd, _name in self.fd_store])
+        self.fd_store = []
+
+    def stop(self, *, restarting: bool = False) -> int:
         """ExecStop= lines, then KillSignal= to the unit's processes; returns the exit status.
+
+        The notify socket is served until the main process has exited (FDSTORE=1 comes on
+        the way out). A full stop (not `restarting`) empties the file-descriptor store and
+        removes the RuntimeDirectory= unless RuntimeDirectoryPreserve=yes.
 
         Raises:
             UnitError: still running after TimeoutStopSec= (then it is SIGKILLed, as
                 systemd does, and the stop counts as failed).
         """
+        try:
+            return self._stop()
+        finally:
+            if not restarting:
+                self._full_stop()
+
+    def _stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
+            self._read_notifications(0)
             return self.proc.returncode if self.proc is not None else 0
         env = self.environment()
         timeout = self.timeout("TimeoutStopSec")
@@ -354,23 +500,75 @@ class ServiceUnit:
             subprocess.run(self.argv(command), env=env, check=True, timeout=timeout)
         kill_signal = signal.Signals[self.unit.value("Service", "KillSignal", "SIGTERM") or ""]
         os.killpg(self.proc.pid, kill_signal)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise UnitError(f"{self.unit.name} still running {timeout}s after SIGTERM") from None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise UnitError(f"{self.unit.name} still running {timeout}s after SIGTERM")
+            if self._notify is not None:
+                self._read_notifications(min(left, 0.1))
+            else:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=min(left, 0.5))
+        self._read_notifications(0)
+        return self.proc.returncode
+
+    def _full_stop(self) -> None:
+        self._release_fd_store()
+        runtime_directory = self.runtime_directory
+        preserve = self.unit.value("Service", "RuntimeDirectoryPreserve", "no")
+        if runtime_directory is not None and preserve not in ("yes", "true", "1"):
+            shutil.rmtree(runtime_directory, ignore_errors=True)
 
     def restart(self) -> int:
-        """What `systemctl restart` does: stop, then start; returns the old process's status."""
-        status = self.stop()
+        """What `systemctl restart` does: stop, then start; returns the old process's status.
+
+        The file-descriptor store and a RuntimeDirectoryPreserve=restart directory stay.
+        """
+        status = self.stop(restarting=True)
         self.start()
         return status
 
     def kill(self) -> None:
-        """Teardown: SIGKILL whatever of the unit still runs."""
+        """Teardown: SIGKILL whatever of the unit still runs; close the store and sockets."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        self._release_fd_store()
+        if self._notify is not None:
+            self._read_notifications(0)
+            self._release_fd_store()
+            path = self._notify.getsockname()
+            self._notify.close()
+            self._notify = None
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# argv: N, the N inherited descriptors, the command. Puts them on 3, 4, ... in order
+# (sd_listen_fds(3)'s layout), first out of the way since a source may sit on a target,
+# sets LISTEN_PID= to its pid and execs the command (which keeps that pid).
+_LISTEN_FDS_HELPER = """
+import fcntl, os, sys
+count = int(sys.argv[1])
+sources = [int(fd) for fd in sys.argv[2 : 2 + count]]
+command = sys.argv[2 + count :]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + count) for fd in sources]
+for fd in sources:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index, inheritable=True)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execvp(command[0], command)
+"""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +43,24 @@ PAUSE_INFLIGHT = 1  # too many requests or payload bytes in flight
 PAUSE_WRITING = 2  # the transport's write buffer is above its high-water mark
 PAUSE_HANDSHAKE = 4  # the client sent ahead of the handshake
 PAUSE_INPUT_CLOSED = 8  # no more requests are read
+PAUSE_HANDOVER = 16  # the connection is being handed to the next process (handover.py)
+
+
+class HandedOver:
+    """A connection ready to change process: a dup of its socket and its exact state.
+
+    Attributes:
+        fd: a duplicate of the socket's descriptor (the caller owns and closes it).
+        negotiated: what the handshake settled.
+        pending: bytes of the next request already read from the socket (incomplete).
+    """
+
+    __slots__ = ("fd", "negotiated", "pending")
+
+    def __init__(self, fd: int, negotiated: Negotiated, pending: bytes) -> None:
+        self.fd = fd
+        self.negotiated = negotiated
+        self.pending = pending
 
 
 class ExportContext:
@@ -65,7 +84,7 @@ class ExportContext:
 class BaseConnection(asyncio.BufferedProtocol):
     """An NBD connection from accept to close; the subclass serves the transmission phase."""
 
-    def __init__(self, ctx: ExportContext) -> None:
+    def __init__(self, ctx: ExportContext, resume: tuple[Negotiated, bytes] | None = None) -> None:
         self._ctx = ctx
         self._stats = ctx.stats
         self._loop = asyncio.get_running_loop()
@@ -91,6 +110,12 @@ class BaseConnection(asyncio.BufferedProtocol):
         self._close_when_idle = False  # close once no request is in flight
         self._closing = False  # transport.close() called: nothing more is sent
         self._lost = False  # connection_lost was called
+        # Handover (handover.py): a socket adopted from the previous process starts in
+        # transmission with what it negotiated there and the bytes it had read ahead.
+        self._adopted = resume
+        self.negotiated: Negotiated | None = None
+        self._handing_over = False
+        self._handover_ready: asyncio.Future[None] | None = None
 
     def _enter_transmission(self, negotiated: Negotiated) -> None:
         """The handshake is done: serve requests (what is already received, then more)."""
@@ -110,6 +135,14 @@ class BaseConnection(asyncio.BufferedProtocol):
         self._stats.connections += 1
         if self._ctx.shutting_down:
             self._close()
+            return
+        if self._adopted is not None:
+            negotiated, pending = self._adopted
+            self._adopted = None
+            self._rx.data[: len(pending)] = pending
+            self._end = len(pending)
+            self.negotiated = negotiated
+            self._enter_transmission(negotiated)
             return
         self._handshake_task = self._loop.create_task(self._handshake())
 
@@ -215,6 +248,7 @@ class BaseConnection(asyncio.BufferedProtocol):
         if negotiated is None or ctx.shutting_down:
             self._close()
             return
+        self.negotiated = negotiated
         self._enter_transmission(negotiated)
 
     # --- pausing and closing ------------------------------------------------------------
@@ -267,6 +301,64 @@ class BaseConnection(asyncio.BufferedProtocol):
             self._close()
         else:
             self._close_once_idle()
+
+    # --- handover to the next process (handover.py) ---------------------------------------
+
+    def begin_handover(self) -> bool:
+        """Stop reading at a request boundary, to hand the socket over once idle.
+
+        A big WRITE whose payload is still arriving is read to its end first (its buffer
+        asks for exactly the rest), so the stream stops between two requests or inside a
+        partial request held in the receive buffer. A connection not in transmission, or
+        already closing, gets `begin_shutdown` instead.
+
+        Returns:
+            True if the connection is being handed over (then await `hand_over`).
+        """
+        if self._in_handshake or self._input_closed or self._closing or self.negotiated is None:
+            self.begin_shutdown()
+            return False
+        self._handing_over = True
+        self._handover_ready = self._loop.create_future()
+        self._handover_step()
+        return True
+
+    def _handover_step(self) -> None:
+        """Pause once no payload is arriving; signal once nothing is in flight either."""
+        if self._payload is not None:
+            return
+        self._pause(PAUSE_HANDOVER)
+        ready = self._handover_ready
+        if not self._running and ready is not None and not ready.done():
+            ready.set_result(None)
+
+    async def hand_over(self) -> HandedOver | None:
+        """Once every request read is answered and sent: a dup of the socket, and the state.
+
+        Returns:
+            None if the connection closed meanwhile (the peer hung up or sent DISC).
+        """
+        ready = self._handover_ready
+        assert ready is not None and self.negotiated is not None
+        await asyncio.wait([ready, self.closed], return_when=asyncio.FIRST_COMPLETED)
+        self._replies.flush()
+        transport = self._transport
+        # Every reply byte must be in the socket before it changes hands: the next
+        # process knows nothing of this one's write buffer.
+        while (
+            transport is not None
+            and not self._closing
+            and not self._input_closed
+            and transport.get_write_buffer_size()
+        ):
+            await asyncio.sleep(0.001)
+        if transport is None or self._closing or self._input_closed or not ready.done():
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        pending = bytes(self._rx.view[self._start : self._end])
+        return HandedOver(os.dup(sock.fileno()), self.negotiated, pending)
 
     def abort(self) -> None:
         """Drop the connection now (shutdown drain timed out), cancelling what is in flight.

@@ -33,6 +33,8 @@ How a request travels, and why:
   any of them the connection stops reading until it drains.
 * Shutdown: requests in flight finish (new ones get ESHUTDOWN); `abort` (the drain timed
   out) cancels them. `closed` resolves once the socket is gone and no request runs.
+  With handover (`connection.BaseConnection.begin_handover`) reading stops at a request
+  boundary instead and the socket goes to the next process once the requests are answered.
 """
 
 from __future__ import annotations
@@ -200,8 +202,8 @@ _ERROR_TEXT: dict[int, bytes] = {
 class NbdConnection(BaseConnection):
     """One NBD client connection: `BaseConnection` plus the transmission phase."""
 
-    def __init__(self, ctx: ExportContext) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: ExportContext, resume: tuple[Negotiated, bytes] | None = None) -> None:
+        super().__init__(ctx, resume)
         self._backend = ctx.backend
         self._pool = ctx.pool
         self._eager = ctx.eager
@@ -255,6 +257,8 @@ class NbdConnection(BaseConnection):
             self._parse()
             replies.batching = False
             replies.flush()
+            if self._handing_over:  # the WRITE it waited for is in: stop reading here
+                self._handover_step()
             return
         if self._end == len(self._rx.data):  # bytes went to the scratch buffer
             return
@@ -486,6 +490,8 @@ class NbdConnection(BaseConnection):
         ):
             self._resume(PAUSE_INFLIGHT)
         if not running:
+            if self._handing_over:
+                self._handover_step()
             if self._close_when_idle:
                 self._close()
             if self._lost:
