@@ -91,8 +91,9 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
 )
 from remem_common.testing import ServiceProcess, scrape_metrics, start_service
-from remem_pageserver.server import PEER_REPLY_ADAPTER, PLACEMENT_REPLY_ADAPTER
-from remem_placement.server import LINK_REPLY_ADAPTER
+from remem_pageserver.registration import PLACEMENT_REPLY_ADAPTER
+from remem_pageserver.slab_push import PEER_REPLY_ADAPTER
+from remem_placement.orders import LINK_REPLY_ADAPTER
 
 from .. import fuzz_summary
 from ..conftest import StartPageServer

@@ -26,7 +26,7 @@ from remem_client.dealer import (
 from remem_client.links import PageServerLink
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorLink
-from remem_client.placement_client import PlacementClient
+from remem_client.placement_link import PlacementLink
 from remem_client.zmtp import GREETING, ZmtpError, ready_command
 from remem_common.framing import encode
 from remem_common.pageserver_client import REPLY_ADAPTER, AnyReply
@@ -399,7 +399,7 @@ async def test_every_link_counts_its_peers_zmtp_violations(
         )
         close = mirror.close
     else:
-        placement = PlacementClient(
+        placement = PlacementLink(
             endpoint, tenant="acme", volume=1, replicas=1, context=zmq_context,
             malformed=malformed,
         )  # fmt: skip

@@ -38,8 +38,9 @@ from remem_common.protocol.client_mirror import (
 from remem_common.protocol.envelope import PROTOCOL_VERSION, ErrorCode, ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_mirror.metrics import MirrorMetrics
-from remem_mirror.server import MirrorWriter, Op, OpQueue, validate
+from remem_mirror.server import validate
 from remem_mirror.store import MAX_RUN_PAGES, MirrorStore
+from remem_mirror.writer import MirrorWriter, Op, OpQueue
 
 PAGES = 1024
 ROUTING = [b"peer"]

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from remem_placement.policy import (
-    Cluster,
-    Drop,
-    NoEligibleServer,
-    PolicySettings,
-    Push,
-    Rebuilding,
-)
+from remem_placement.policy import Cluster
+from remem_placement.records import Drop, NoEligibleServer, PolicySettings, Push, Rebuilding
 
 MiB = 1 << 20
 SETTINGS = PolicySettings(

@@ -50,7 +50,9 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
     SlabInventory,
 )
-from remem_pageserver.server import PEER_REPLY_ADAPTER, PLACEMENT_REPLY_ADAPTER, SERVED_ADAPTER
+from remem_pageserver.registration import PLACEMENT_REPLY_ADAPTER
+from remem_pageserver.server import SERVED_ADAPTER
+from remem_pageserver.slab_push import PEER_REPLY_ADAPTER
 
 SERVED = [
     PutPagesRequest(msg_id=1, tenant="t", volume=2, count=3),

@@ -19,8 +19,8 @@ from remem_client.zmtp import (
     FrameReader,
     ZmtpDealer,
     ZmtpError,
-    encode,
     ready_command,
+    zmtp_buffers,
 )
 
 # Sizes either side of every boundary of the framing: empty, the short/long size switch at
@@ -247,7 +247,7 @@ def test_the_reader_hands_out_frames_that_later_reads_never_overwrite() -> None:
     stream = GREETING + ready_command(b"ROUTER")
     bodies = [os.urandom(n) for n in (10, 300, 200_000, 100_000, 5, 1 << 20)]
     for body in bodies:
-        stream += b"".join(bytes(part) for part in encode([body]))
+        stream += b"".join(bytes(part) for part in zmtp_buffers([body]))
     kept = []
     at = 0
     while at < len(stream):
@@ -263,7 +263,7 @@ def test_the_reader_hands_out_frames_that_later_reads_never_overwrite() -> None:
 def test_a_strided_array_is_sent_as_its_bytes_in_order() -> None:
     strided = np.arange(48, dtype=np.uint8).reshape(6, 8)[:, ::2]
     reader = FrameReader(lambda name, props: None)
-    stream = GREETING + b"".join(bytes(p) for p in encode([strided, b"end"]))
+    stream = GREETING + b"".join(bytes(p) for p in zmtp_buffers([strided, b"end"]))
     buf = reader.buffer()
     buf[: len(stream)] = stream
     (message,) = reader.advance(len(stream))

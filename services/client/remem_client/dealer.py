@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import zmq
 from remem_common.framing import decode
 from remem_common.protocol.envelope import ErrorCode, ProtocolError, Reply
-from remem_common.wire import has_message, recv_frames, send_frames
+from remem_common.zmq_io import has_message, recv_frames, send_frames
 
 from remem_client.zmtp import DealerBusy, ZmtpDealer, ZmtpError
 

@@ -98,7 +98,7 @@ def parse_command(body: memoryview) -> tuple[bytes, dict[bytes, bytes]]:
     return name, properties
 
 
-def encode(frames: Sequence[Any]) -> list[Any]:
+def zmtp_buffers(frames: Sequence[Any]) -> list[Any]:
     """Header and body buffers of one message, for `writelines` (bodies are not copied)."""
     out: list[Any] = []
     last = len(frames) - 1
@@ -254,14 +254,14 @@ class ZmtpDealer:
     def send(self, frames: Sequence[Any]) -> None:
         transport = self._transport
         if transport is not None and not self._paused:
-            transport.writelines(encode(frames))
+            transport.writelines(zmtp_buffers(frames))
             return
         if self._closed:
             raise DealerBusy(f"{self.endpoint}: closed")
         if len(self._queue) >= self._hwm:
             state = "not reading" if transport is not None else "not connected"
             raise DealerBusy(f"{self.endpoint}: {state}, {len(self._queue)} messages queued")
-        self._queue.append(encode(frames))
+        self._queue.append(zmtp_buffers(frames))
 
     def close(self) -> None:
         self._closed = True
@@ -375,4 +375,4 @@ class _Connection(asyncio.BufferedProtocol):
             self._lost.set_result(None)
 
 
-__all__ = ["DealerBusy", "FrameReader", "ZmtpDealer", "ZmtpError", "encode", "ready_command"]
+__all__ = ["DealerBusy", "FrameReader", "ZmtpDealer", "ZmtpError", "ready_command", "zmtp_buffers"]

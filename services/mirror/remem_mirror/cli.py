@@ -10,7 +10,7 @@ from remem_common.lifecycle import run_service
 from remem_common.logs import setup_logging
 
 from remem_mirror.config import ENV_PREFIX, MirrorConfig
-from remem_mirror.server import start
+from remem_mirror.service import start
 
 PROG = "remem mirror"
 

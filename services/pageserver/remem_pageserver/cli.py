@@ -10,7 +10,7 @@ from remem_common.lifecycle import run_service
 from remem_common.logs import setup_logging
 
 from remem_pageserver.config import ENV_PREFIX, PageServerConfig
-from remem_pageserver.server import start
+from remem_pageserver.service import start
 
 PROG = "remem pageserver"
 

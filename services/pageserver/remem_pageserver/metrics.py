@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from remem_common.protocol.envelope import MALFORMED_REASONS
+from remem_common.protocol.envelope import MALFORMED_REASONS, ProtocolError
 from remem_common.security import AuthMetrics
 
 OPS = ("put", "get", "delete", "inventory", "drop_slab", "push_slab", "receive_slab")
@@ -110,6 +110,11 @@ class PageServerMetrics:
         self.pages_in = self.pages_moved.labels("in")
         self.pages_out = self.pages_moved.labels("out")
         self._registry = registry
+
+    def count_malformed(self, exc: ProtocolError) -> None:
+        """Count a message refused as malformed on any of the server's sockets."""
+        if exc.reason in MALFORMED_REASONS:
+            self.malformed_by[exc.reason].inc()
 
     def watch_store(self, gauges: StoreGauges) -> None:
         """Export the store's current state, read at each scrape."""

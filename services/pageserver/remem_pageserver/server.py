@@ -1,32 +1,27 @@
-"""The page server's ZeroMQ loop: decode requests, call the store, answer; push slabs to peers.
+"""The page server's ZeroMQ loop: decode requests, authorize them, call the store, answer.
 
-One thread owns the arena: the ROUTER socket and every push job are served from one loop, so
-the store needs no locks and a push reads a page and a client overwrites it in a well-defined
-order. Batches keep the per-message cost small. While no push is running the loop blocks in
-recv on the ROUTER alone: on these VMs a zmq_poll wake-up adds ~100 us to every round trip
-that a blocking recv does not. Heartbeats to placement run in their own thread with their own
-socket; they only read the store's counters. `start` assembles the service from its config
-for `remem_common.lifecycle.run_service`.
+One thread owns the arena: the ROUTER socket and every slab push (remem_pageserver.slab_push)
+are served from one loop, so the store needs no locks and a push reads a page and a client
+overwrites it in a well-defined order. Batches keep the per-message cost small. While no push
+is running the loop blocks in recv on the ROUTER alone: on these VMs a zmq_poll wake-up adds
+~100 us to every round trip that a blocking recv does not. Registration and heartbeats to
+placement (remem_pageserver.registration) run in their own thread with their own socket;
+they only read the store's counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
 import zmq
-from prometheus_client import REGISTRY
 from pydantic import Field, TypeAdapter
-from remem_common.config import bind_address
 from remem_common.framing import DELIMITER, decode, encode, split_routing
-from remem_common.lifecycle import Lifecycle, Servable, Started
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
     DeletePagesRequest,
@@ -36,7 +31,6 @@ from remem_common.protocol.client_pageserver import (
     put_pages_reply_header,
 )
 from remem_common.protocol.envelope import (
-    MALFORMED_REASONS,
     ErrorCode,
     ErrorReply,
     ProtocolError,
@@ -55,31 +49,29 @@ from remem_common.protocol.pageserver_peer import ReceiveSlabPagesReply, Receive
 from remem_common.protocol.pageserver_placement import (
     DropSlabReply,
     DropSlabRequest,
-    HeartbeatReply,
     HeartbeatRequest,
     ListInventoryReply,
     ListInventoryRequest,
-    PushSlabReply,
     PushSlabRequest,
-    RegisterServerReply,
     RegisterServerRequest,
     SlabInventory,
 )
 from remem_common.security import (
     Identity,
-    KeyFileError,
     Role,
     Security,
-    load_public_key,
     permits,
 )
-from remem_common.wire import has_message, recv_frames, send_frames
+from remem_common.zmq_io import has_message, recv_frames, send_frames
 
-from remem_pageserver.config import PageServerConfig, advertised_endpoint
-from remem_pageserver.metrics import PageServerMetrics, StoreGauges
-from remem_pageserver.store import ArenaError, NoSpaceError, PageStore
+from remem_pageserver.config import PageServerConfig
+from remem_pageserver.metrics import PageServerMetrics
+from remem_pageserver.registration import RegistrationLink
+from remem_pageserver.slab_push import Frames, SlabPusher
+from remem_pageserver.store import NoSpaceError, PageStore
 
 log = logging.getLogger("pageserver")
+
 
 ServedRequest = Annotated[
     PutPagesRequest
@@ -92,14 +84,7 @@ ServedRequest = Annotated[
     Field(discriminator="type"),
 ]
 SERVED_ADAPTER: TypeAdapter[ServedRequest] = TypeAdapter(ServedRequest)
-PEER_REPLY_ADAPTER: TypeAdapter[ReceiveSlabPagesReply | ErrorReply] = TypeAdapter(
-    Annotated[ReceiveSlabPagesReply | ErrorReply, Field(discriminator="type")]
-)
-PLACEMENT_REPLY_ADAPTER: TypeAdapter[RegisterServerReply | HeartbeatReply | ErrorReply] = (
-    TypeAdapter(
-        Annotated[RegisterServerReply | HeartbeatReply | ErrorReply, Field(discriminator="type")]
-    )
-)
+
 
 OP_OF = {
     "put_pages_request": "put",
@@ -112,11 +97,8 @@ OP_OF = {
 }
 # Messages taken from the ROUTER per poll wake-up before timers and push replies get a turn.
 MAX_BURST = 256
-# A slab push streams chunks of this many pages with this many chunks in flight: 1 MiB
-# chunks amortize per-message cost, and a window of 4 keeps the link busy without letting one
-# push take all of the loop's time from clients.
-PUSH_CHUNK_PAGES = 256
-PUSH_WINDOW = 4
+
+
 POLL_MS = 100
 # At shutdown, the data socket is unbound once it has had no request for this long.
 SHUTDOWN_QUIET = 0.25
@@ -131,124 +113,6 @@ ROLES_OF: dict[str, tuple[Role, ...]] = {
     "push_slab_request": ("placement",),
     "receive_slab_pages_request": ("pageserver",),
 }
-# The roles whose keys the page server admits at all.
-ADMITTED_ROLES: tuple[Role, ...] = ("client", "placement", "pageserver")
-
-Frames = list[Any]
-
-
-@dataclass
-class PushJob:
-    """One slab being copied to a peer; driven by the loop, never blocking it."""
-
-    routing: Frames
-    request: PushSlabRequest
-    socket: zmq.Socket[bytes]
-    pages: np.ndarray[Any, np.dtype[np.uint32]]
-    started: float
-    last_progress: float
-    cursor: int = 0
-    sent_pages: int = 0
-    corrupt: int = 0
-    inflight: dict[int, int] = field(default_factory=dict)
-
-
-class PlacementLink:
-    """Registration and heartbeats to placement over one DEALER; one request in flight."""
-
-    def __init__(
-        self,
-        context: zmq.Context[zmq.Socket[bytes]],
-        endpoint: str,
-        make_register: Callable[[int], RegisterServerRequest],
-        make_heartbeat: Callable[[int], HeartbeatRequest],
-        metrics: PageServerMetrics,
-        *,
-        security: Security,
-        placement_key: str | None,
-    ) -> None:
-        self.socket: zmq.Socket[bytes] = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        security.client_socket(self.socket, placement_key)
-        # Queue nothing for a placement that is down: a stale heartbeat delivered later lies.
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.connect(endpoint)
-        self.endpoint = endpoint
-        self._make_register = make_register
-        self._make_heartbeat = make_heartbeat
-        self._metrics = metrics
-        self.registered = False
-        self.interval = 0.5
-        self._pending: tuple[int, float] | None = None
-        self._next_due = 0.0
-        self._msg_id = 0
-
-    def due_in(self, now: float) -> float:
-        if self._pending is not None:
-            return max(0.0, self._pending[1] + 2 * self.interval - now)
-        return max(0.0, self._next_due - now)
-
-    def tick(self, now: float) -> None:
-        if self._pending is not None:
-            if now - self._pending[1] < 2 * self.interval:
-                return
-            self._metrics.heartbeat_failures.inc()
-            if self.registered:
-                log.warning("placement did not answer a heartbeat endpoint=%s", self.endpoint)
-            self._pending = None
-        if now < self._next_due:
-            return
-        self._msg_id += 1
-        msg = (
-            self._make_heartbeat(self._msg_id)
-            if self.registered
-            else self._make_register(self._msg_id)
-        )
-        try:
-            self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self._next_due = now + self.interval
-            return
-        self._pending = (self._msg_id, now)
-        self._next_due = now + self.interval
-
-    def on_readable(self) -> None:
-        while True:
-            try:
-                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply, _ = decode(frames, PLACEMENT_REPLY_ADAPTER)
-            except ProtocolError as exc:
-                log.warning("placement sent a malformed reply: %s", exc.detail)
-                _count_malformed(self._metrics, exc)
-                continue
-            if self._pending is None or reply.parent_id != self._pending[0]:
-                continue
-            self._pending = None
-            if isinstance(reply, RegisterServerReply):
-                if not self.registered:
-                    log.info("registered with placement endpoint=%s", self.endpoint)
-                self.registered = True
-                self.interval = reply.heartbeat_interval
-            elif isinstance(reply, HeartbeatReply):
-                if not reply.registered:
-                    self.registered = False
-                    self._next_due = 0.0
-            else:
-                log.warning("placement refused: %s %s", reply.error_code, reply.detail)
-
-    def run(self, stop: threading.Event) -> None:
-        """Register and heartbeat until `stop` is set (the body of the link's thread)."""
-        try:
-            while not stop.is_set():
-                self.tick(time.monotonic())
-                wait = min(self.due_in(time.monotonic()), POLL_MS / 1000)
-                if self.socket.poll(max(1, int(wait * 1000))):
-                    self.on_readable()
-        finally:
-            self.socket.close(linger=0)
 
 
 class PageServer:
@@ -277,13 +141,12 @@ class PageServer:
         self.security.server_socket(self.router)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.placement: PlacementLink | None = None
+        self.placement: RegistrationLink | None = None
         self._placement_thread: threading.Thread | None = None
         self._placement_stop = threading.Event()
-        self._jobs: dict[zmq.Socket[bytes], PushJob] = {}
+        self.pushes = SlabPusher(store, metrics, context, self.router, self.poller, self.security)
         self._rcvtimeo = -1  # the router's RCVTIMEO, set only when it changes
         self._stopping = False
-        self._msg_id = 0
         self.started_at = time.time()
         self.under_pressure = False
         self._handlers: dict[str, Callable[[Frames, Any, list[Any]], Frames | None]] = {
@@ -345,7 +208,7 @@ class PageServer:
                 under_pressure=self._check_pressure(),
             )
 
-        self.placement = PlacementLink(
+        self.placement = RegistrationLink(
             self.context,
             endpoint,
             register,
@@ -380,7 +243,7 @@ class PageServer:
         self._shutdown()
 
     def _serve_once(self, timeout_ms: int = POLL_MS) -> None:
-        if not self._jobs:
+        if not self.pushes:
             if timeout_ms != self._rcvtimeo:
                 self.router.setsockopt(zmq.RCVTIMEO, timeout_ms)
                 self._rcvtimeo = timeout_ms
@@ -395,18 +258,8 @@ class PageServer:
         if self.router in events:
             self._drain_router()
         for sock in events:
-            job = self._jobs.get(sock)
-            if job is not None:
-                self._on_push_reply(job)
-        now = time.monotonic()
-        for job in list(self._jobs.values()):
-            if now - job.last_progress > job.request.timeout:
-                self._finish_push(
-                    job,
-                    ErrorCode.UNAVAILABLE,
-                    f"target {job.request.target_endpoint} did not answer for "
-                    f"{job.request.timeout}s",
-                )
+            self.pushes.on_readable(sock)
+        self.pushes.expire(time.monotonic())
 
     def _shutdown(self) -> None:
         log.info("stopping: finishing queued requests, then no new connections")
@@ -416,9 +269,9 @@ class PageServer:
         deadline = time.monotonic() + self.config.drain_timeout
         quiet_since = time.monotonic()
         while (now := time.monotonic()) < deadline and now - quiet_since < SHUTDOWN_QUIET:
-            if self._drain_router() or self._jobs:
+            if self._drain_router() or self.pushes:
                 quiet_since = now
-            if self._jobs:
+            if self.pushes:
                 self._serve_once(10)
             else:
                 self.router.poll(10)
@@ -428,21 +281,18 @@ class PageServer:
                 self.router.unbind(endpoint.decode())
         while time.monotonic() < deadline:
             handled = self._drain_router()
-            if not handled and not self._jobs:
+            if not handled and not self.pushes:
                 break
-            if self._jobs:
+            if self.pushes:
                 self._serve_once(10)
-        for job in list(self._jobs.values()):
-            self._finish_push(job, ErrorCode.SHUTTING_DOWN, "page server is stopping")
+        self.pushes.fail_all(ErrorCode.SHUTTING_DOWN, "page server is stopping")
 
     def close(self) -> None:
         """Stop the placement link and close the ROUTER (also when serving never began)."""
         self._placement_stop.set()
         if self._placement_thread is not None:
             self._placement_thread.join(timeout=5)
-        for job in list(self._jobs.values()):
-            self._jobs.pop(job.socket, None)
-            job.socket.close(linger=0)
+        self.pushes.close()
         self.router.close(linger=0)
 
     # -- request dispatch ------------------------------------------------------------------
@@ -477,7 +327,7 @@ class PageServer:
             reply = self._handlers[msg.type](routing, msg, payload)
             failed = False
         except ProtocolError as exc:
-            _count_malformed(self.metrics, exc)
+            self.metrics.count_malformed(exc)
             reply = self._error(exc.code, exc.detail, exc.msg_id or msg_id)
         except NoSpaceError as exc:
             reply = self._error(ErrorCode.NO_SPACE, str(exc), msg_id)
@@ -598,158 +448,8 @@ class PageServer:
         self, routing: Frames, msg: PushSlabRequest, payload: list[Any]
     ) -> Frames | None:
         self._expect_frames(payload, 0, msg.type)
-        sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self.security.client_socket(sock, msg.target_public_key)
-        except KeyFileError:
-            sock.close(linger=0)
-            raise ProtocolError(
-                ErrorCode.MALFORMED,
-                "push_slab_request needs target_public_key: this page server runs Curve",
-                reason="bad_fields",
-                msg_id=msg.msg_id,
-            ) from None
-        try:
-            sock.connect(msg.target_endpoint)
-        except zmq.ZMQError as exc:
-            # The protocol refuses endpoints libzmq cannot parse; this catches the rest. An
-            # unclosed socket would make context.term() hang at shutdown.
-            sock.close(linger=0)
-            raise ProtocolError(
-                ErrorCode.MALFORMED,
-                f"target_endpoint {msg.target_endpoint!r}: {exc}",
-                reason="bad_fields",
-                msg_id=msg.msg_id,
-            ) from None
-        now = time.monotonic()
-        job = PushJob(
-            routing=routing,
-            request=msg,
-            socket=sock,
-            pages=self.store.slab_pages(msg.tenant, msg.volume, msg.slab),
-            started=now,
-            last_progress=now,
-        )
-        self._jobs[sock] = job
-        self.poller.register(sock, zmq.POLLIN)
-        log.info(
-            "pushing slab tenant=%s volume=%d slab=%d pages=%d to=%s",
-            msg.tenant,
-            msg.volume,
-            msg.slab,
-            job.pages.size,
-            msg.target_endpoint,
-        )
-        self._push_more(job)
-        return None
-
-    def _push_more(self, job: PushJob) -> None:
-        req = job.request
-        while len(job.inflight) < PUSH_WINDOW and job.cursor < job.pages.size:
-            chunk = job.pages[job.cursor : job.cursor + PUSH_CHUNK_PAGES]
-            job.cursor += chunk.size
-            keys = make_keys(np.full(chunk.size, req.slab, dtype=np.uint32), chunk)
-            result = self.store.get(req.tenant, req.volume, keys)
-            # Pages trimmed since the push began are gone; pages whose checksum no longer
-            # matches are not spread to another server.
-            ok = result.found.copy()
-            ok[ok] = _crc_ok(result.data[ok], result.crcs[ok])
-            job.corrupt += int(np.count_nonzero(result.found & ~ok))
-            count = int(np.count_nonzero(ok))
-            if not count:
-                continue
-            self._msg_id += 1
-            msg = ReceiveSlabPagesRequest(
-                msg_id=self._msg_id,
-                source_server=self.server_id,
-                tenant=req.tenant,
-                volume=req.volume,
-                slab=req.slab,
-                count=count,
-            )
-            whole = count == chunk.size
-            data = result.data if whole else result.data[ok]
-            # The seals travel with their pages: the client decrypts a pushed copy as it
-            # would the original.
-            seals = result.seals if whole else result.seals[ok]
-            job.socket.send_multipart(
-                encode(msg, np.ascontiguousarray(chunk[ok]), result.crcs[ok], data, seals),
-                copy=False,
-            )
-            job.inflight[self._msg_id] = count
-            job.sent_pages += count
-            self.metrics.push_sent_bytes.inc(count * PAGE_SIZE)
-        if job.cursor >= job.pages.size and not job.inflight:
-            self._finish_push(job, None, "")
-
-    def _on_push_reply(self, job: PushJob) -> None:
-        while job.socket in self._jobs:
-            try:
-                frames = job.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply, _ = decode(frames, PEER_REPLY_ADAPTER)
-            except ProtocolError as exc:
-                _count_malformed(self.metrics, exc)
-                self._finish_push(job, ErrorCode.UNAVAILABLE, f"target answered badly: {exc}")
-                return
-            if isinstance(reply, ErrorReply):
-                self._finish_push(
-                    job, reply.error_code, f"target refused: {reply.error_code} {reply.detail}"
-                )
-                return
-            if job.inflight.pop(reply.parent_id, None) is None:
-                continue
-            job.last_progress = time.monotonic()
-            self._push_more(job)
-
-    def _finish_push(self, job: PushJob, code: ErrorCode | None, detail: str) -> None:
-        self._jobs.pop(job.socket, None)
-        self.poller.unregister(job.socket)
-        job.socket.close(linger=0)
-        req = job.request
-        seconds = time.monotonic() - job.started
-        reply: Frames
-        if code is None:
-            self.metrics.ok["push_slab"].inc()
-            log.info(
-                "pushed slab tenant=%s volume=%d slab=%d pages=%d corrupt=%d seconds=%.3f",
-                req.tenant,
-                req.volume,
-                req.slab,
-                job.sent_pages,
-                job.corrupt,
-                seconds,
-            )
-            reply = encode(
-                PushSlabReply(
-                    msg_id=0,
-                    parent_id=req.msg_id,
-                    pages=job.sent_pages,
-                    bytes=job.sent_pages * PAGE_SIZE,
-                    seconds=seconds,
-                    corrupt=job.corrupt,
-                )
-            )
-        else:
-            self.metrics.error["push_slab"].inc()
-            log.warning(
-                "push failed tenant=%s volume=%d slab=%d: %s",
-                req.tenant,
-                req.volume,
-                req.slab,
-                detail,
-            )
-            reply = encode(
-                ErrorReply(msg_id=0, parent_id=req.msg_id, error_code=code, detail=detail)
-            )
-        self.metrics.latency["push_slab"].observe(seconds)
-        try:
-            self.router.send_multipart([*job.routing, *reply], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("dropped a push reply: the requester is not reading")
+        self.pushes.start(routing, msg, source_server=self.server_id)
+        return None  # answered when the copy is done
 
 
 def host_available_bytes() -> int:
@@ -759,82 +459,6 @@ def host_available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def start(config: PageServerConfig, lifecycle: Lifecycle) -> Started[Servable]:
-    """Open the arena, bind, register with placement: the page server, ready to serve."""
-    security = Security.from_settings(config, "pageserver")
-    placement_key = (
-        load_public_key(config.placement_public_key) if config.placement_public_key else None
-    )
-    with lifecycle.as_config_error(ArenaError, OSError):
-        store = PageStore(config.shm_path, config.capacity_pages, forget=config.forget)
-    lifecycle.callback(store.close)
-    if store.used_pages:
-        log.info(
-            "arena reopened path=%s pages=%d slabs=%d committed_bytes=%d",
-            config.shm_path,
-            store.used_pages,
-            store.slab_count,
-            store.committed_bytes,
-        )
-    context = lifecycle.zmq_context()
-    metrics = PageServerMetrics(REGISTRY)
-    lifecycle.serve_security(security, context, ADMITTED_ROLES, metrics.auth)
-    listen = bind_address(config.listen)
-    port_hint = listen.rsplit(":", 1)[-1]
-    server_id = config.server_id or f"{socket.gethostname()}-{port_hint}"
-    server = PageServer(config, store, metrics, context, server_id=server_id, security=security)
-    lifecycle.callback(server.close)
-    with lifecycle.as_failure(f"cannot bind {config.listen}", zmq.ZMQError):
-        bound = server.bind(listen)
-    if config.server_id is None and port_hint == "*":
-        server.server_id = f"{socket.gethostname()}-{bound.rsplit(':', 1)[-1]}"
-    metrics.watch_store(
-        StoreGauges(
-            capacity_bytes=lambda: store.capacity_pages * PAGE_SIZE,
-            used_bytes=lambda: store.used_pages * PAGE_SIZE,
-            committed_bytes=lambda: store.committed_bytes,
-            pages=lambda: store.used_pages,
-            slabs=lambda: store.slab_count,
-            under_pressure=lambda: server.under_pressure,
-        )
-    )
-    metrics_url = lifecycle.metrics_endpoint(config.metrics_port, config.metrics_host)
-    endpoint = advertised_endpoint(bound, config.advertise)
-    if config.placement:
-        server.connect_placement(
-            config.placement,
-            data_endpoint=endpoint,
-            metrics_url=metrics_url,
-            placement_key=placement_key,
-        )
-    return Started(
-        server,
-        {
-            "endpoint": endpoint,
-            "metrics": metrics_url,
-            "server_id": server.server_id,
-            "zone": config.zone,
-            "capacity_pages": store.capacity_pages,
-            "pages": store.used_pages,
-            "curve": security.enabled,
-        },
-    )
-
-
-def _count_malformed(metrics: PageServerMetrics, exc: ProtocolError) -> None:
-    """Count a message refused as malformed on any of the server's sockets."""
-    if exc.reason in MALFORMED_REASONS:
-        metrics.malformed_by[exc.reason].inc()
-
-
-def _crc_ok(
-    pages: np.ndarray[Any, np.dtype[np.uint8]], crcs: np.ndarray[Any, np.dtype[np.uint32]]
-) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    mask = np.ones(pages.shape[0], dtype=np.bool_)
-    mask[bad_checksums(pages, crcs)] = False
-    return mask
 
 
 def _verify(

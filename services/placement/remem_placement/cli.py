@@ -10,7 +10,7 @@ from remem_common.lifecycle import run_service
 from remem_common.logs import setup_logging
 
 from remem_placement.config import ENV_PREFIX, PlacementConfig
-from remem_placement.server import start
+from remem_placement.service import start
 
 PROG = "remem placement"
 

@@ -8,7 +8,7 @@ from pydantic import ByteSize, Field, field_validator, model_validator
 from remem_common.protocol.pages import SLAB_BYTES
 from remem_common.security import CurveSettings
 
-from remem_placement.policy import PolicySettings
+from remem_placement.records import PolicySettings
 
 ENV_PREFIX = "REMEM_PLACEMENT_"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7000"

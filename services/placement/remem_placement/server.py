@@ -1,15 +1,12 @@
 """Placement's ZeroMQ loop: one thread owns the cluster state and every socket.
 
 - ROUTER (`--listen`): page servers' registrations and heartbeats, clients' allocations, map
-  polls and failure reports, admin status and drain requests.
+  polls and failure reports (here), admin status and drain requests (remem_placement.admin).
 - One DEALER per page server, to its data endpoint: inventory requests, slab drops and slab
-  push orders. A push is answered only when it is done, so these replies arrive whenever;
-  they are matched to what was asked by `msg_id`.
+  push orders (remem_placement.orders).
 - Optional PUB (`--publish`): a notice per volume whose map changed.
 - Timers between polls: liveness, utilization samples (HTTP in a thread pool, collected
-  here), repair planning, push timeouts.
-
-`start` assembles the service from its config for `remem_common.lifecycle.run_service`.
+  here), repair planning, order timeouts.
 
 Placement never sends or receives page data: no message here has payload frames, and every
 byte through its sockets is counted in `placement_message_bytes_total`.
@@ -21,23 +18,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Annotated, Any
 
 import zmq
-from prometheus_client import REGISTRY
 from pydantic import BaseModel, Field, TypeAdapter
 from remem_common.config import bind_address
 from remem_common.framing import decode, encode, split_routing
-from remem_common.lifecycle import Lifecycle, Servable, Started
 from remem_common.protocol.admin_placement import (
-    DrainServerReply,
     DrainServerRequest,
-    GetStatusReply,
     GetStatusRequest,
-    PushStatus,
-    ServerStatus,
-    SlabStatus,
 )
 from remem_common.protocol.client_placement import (
     AllocateSlabReply,
@@ -57,38 +47,28 @@ from remem_common.protocol.envelope import (
     ProtocolError,
 )
 from remem_common.protocol.pageserver_placement import (
-    DropSlabReply,
-    DropSlabRequest,
     HeartbeatReply,
     HeartbeatRequest,
-    ListInventoryReply,
-    ListInventoryRequest,
-    PushSlabReply,
-    PushSlabRequest,
     RegisterServerReply,
     RegisterServerRequest,
 )
 from remem_common.security import (
     Identity,
-    KeyFileError,
     Role,
     Security,
     permits,
 )
 
+from remem_placement import admin
 from remem_placement.config import PlacementConfig
-from remem_placement.metrics import PlacementMetrics, StateGauges
-from remem_placement.policy import (
-    Cluster,
-    Drop,
-    NoEligibleServer,
-    Push,
-    Rebuilding,
-    SlabKey,
-)
+from remem_placement.metrics import PlacementMetrics
+from remem_placement.orders import Frames, PageServerOrders, frames_bytes
+from remem_placement.policy import Cluster
+from remem_placement.records import NoEligibleServer, Rebuilding, SlabKey
 from remem_placement.utilization import Target, UtilizationPoller
 
 log = logging.getLogger("placement")
+
 
 ServedRequest = Annotated[
     RegisterServerRequest
@@ -101,10 +81,7 @@ ServedRequest = Annotated[
     Field(discriminator="type"),
 ]
 SERVED_ADAPTER: TypeAdapter[ServedRequest] = TypeAdapter(ServedRequest)
-LinkReply = Annotated[
-    ListInventoryReply | DropSlabReply | PushSlabReply | ErrorReply, Field(discriminator="type")
-]
-LINK_REPLY_ADAPTER: TypeAdapter[LinkReply] = TypeAdapter(LinkReply)
+
 
 OP_OF = {
     "register_server_request": "register",
@@ -127,37 +104,10 @@ ROLES_OF: dict[str, tuple[Role, ...]] = {
     "get_status_request": ("admin",),
     "drain_server_request": ("admin",),
 }
-ADMITTED_ROLES: tuple[Role, ...] = ("pageserver", "client", "admin")
+
+
 PLAN_INTERVAL = 0.05
 MAX_BURST = 256
-# A page server that does not answer an inventory or drop in this long has its request
-# forgotten (liveness is judged by heartbeats and probes, not by these).
-ORDER_TIMEOUT = 10.0
-# The push's own inactivity timeout at the source: give up on a silent target after this.
-PUSH_IDLE_TIMEOUT = 10.0
-
-Frames = list[Any]
-
-
-def _frames_bytes(frames: Frames) -> int:
-    return sum(memoryview(frame).nbytes for frame in frames)
-
-
-@dataclass
-class Link:
-    """Placement's DEALER to one page server's data endpoint."""
-
-    server_id: str
-    endpoint: str
-    socket: zmq.Socket[bytes]
-
-
-@dataclass(frozen=True)
-class Pending:
-    kind: Literal["inventory", "drop", "clear", "push"]
-    server_id: str
-    sent: float
-    push_id: int = 0
 
 
 class PlacementServer:
@@ -187,12 +137,16 @@ class PlacementServer:
         self.publisher: zmq.Socket[bytes] | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.links: dict[str, Link] = {}
-        self._link_of_socket: dict[zmq.Socket[bytes], Link] = {}
-        self.pending: dict[int, Pending] = {}
-        self._msg_id = 0
+        self.orders = PageServerOrders(
+            cluster,
+            metrics,
+            context,
+            self.poller,
+            self.security,
+            self.server_keys,
+            push_timeout=config.push_timeout,
+        )
         self._stopping = False
-        self._closed = False
         self._next_plan = 0.0
         self._handlers: dict[str, Callable[[Any], BaseModel]] = {
             "register_server_request": self._register,
@@ -200,8 +154,8 @@ class PlacementServer:
             "allocate_slab_request": self._allocate,
             "get_map_request": self._get_map,
             "report_failure_request": self._report_failure,
-            "get_status_request": self._status,
-            "drain_server_request": self._drain,
+            "get_status_request": partial(admin.status_reply, cluster),
+            "drain_server_request": partial(admin.drain_reply, cluster),
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -226,12 +180,7 @@ class PlacementServer:
             self.serve_once(POLL_MS)
 
     def close(self) -> None:
-        # Closing a link fails its pending pushes, and a failed push orders drops: with
-        # _closed set no order opens a new link, so every socket is closed before the
-        # context terminates (an unclosed one makes context.term() block forever).
-        self._closed = True
-        while self.links:
-            self._close_link(next(iter(self.links)))
+        self.orders.close()
         if self.publisher is not None:
             self.publisher.close(linger=0)
         self.router.close(linger=0)
@@ -242,27 +191,25 @@ class PlacementServer:
         if self.router in events:
             self._drain_router()
         for sock in events:
-            link = self._link_of_socket.get(sock)
-            if link is not None:
-                self._on_link_readable(link)
+            self.orders.on_readable(sock)
         now = time.monotonic()
         wall = time.time()
         dead, drops = self.cluster.tick(now)
         for server_id in dead:
             log.warning("page server dead server_id=%s", server_id)
-            self._close_link(server_id)
-        self._send_drops(drops)
+            self.orders.close_link(server_id)
+        self.orders.send_drops(drops)
         self._utilization(now)
-        self._expire_pending(now)
+        self.orders.expire(now)
         if now >= self._next_plan:
             # Planning walks every slab: at most every PLAN_INTERVAL, not per message.
             self._next_plan = now + PLAN_INTERVAL
             pushes, drops = self.cluster.plan(now, wall)
             if not self.cluster.in_grace(now):
                 self.metrics.planning_rounds.inc()
-            self._send_drops(drops)
+            self.orders.send_drops(drops)
             for push in pushes:
-                self._send_push(push)
+                self.orders.send_push(push)
         self._publish()
 
     # -- the ROUTER --------------------------------------------------------------------------
@@ -274,7 +221,7 @@ class PlacementServer:
                 frames = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.metrics.bytes_in.inc(_frames_bytes(frames))
+            self.metrics.bytes_in.inc(frames_bytes(frames))
             self._handle(frames)
 
     def _handle(self, frames: Frames) -> None:
@@ -315,7 +262,7 @@ class PlacementServer:
         if op is not None:
             (self.metrics.error if isinstance(reply, ErrorReply) else self.metrics.ok)[op].inc()
         out = [*routing, *encode(reply)]
-        self.metrics.bytes_out.inc(_frames_bytes(out))
+        self.metrics.bytes_out.inc(frames_bytes(out))
         try:
             self.router.send_multipart(out, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -367,15 +314,15 @@ class PlacementServer:
             now=time.monotonic(),
             wall=time.time(),
         )
-        link = self.links.get(msg.server_id)
+        link = self.orders.links.get(msg.server_id)
         if link is not None and (
             link.endpoint != msg.data_endpoint
             or self.server_keys.get(msg.server_id) != msg.public_key
         ):
-            self._close_link(msg.server_id)
+            self.orders.close_link(msg.server_id)
         if msg.public_key is not None:
             self.server_keys[msg.server_id] = msg.public_key
-        self._send_order(msg.server_id, ListInventoryRequest(msg_id=self._next_id()), "inventory")
+        self.orders.ask_inventory(msg.server_id)
         self.utilization.soon()
         return RegisterServerReply(
             msg_id=0, parent_id=msg.msg_id, heartbeat_interval=self.config.heartbeat_interval
@@ -499,7 +446,7 @@ class PlacementServer:
                     msg.volume,
                     msg.slab,
                 )
-            self._send_drops(drops)
+            self.orders.send_drops(drops)
         state = self.cluster.report_failure(msg.server_id, now)
         if state != "dead" and not probing:
             log.warning(
@@ -510,301 +457,10 @@ class PlacementServer:
                 msg.slab,
                 msg.detail,
             )
-            self._send_order(
-                msg.server_id, ListInventoryRequest(msg_id=self._next_id()), "inventory"
-            )
+            self.orders.ask_inventory(msg.server_id)
         return ReportFailureReply(
             msg_id=0, parent_id=msg.msg_id, server_state=state, epoch=self.cluster.epoch
         )
-
-    # -- admin -----------------------------------------------------------------------------
-
-    def _status(self, msg: GetStatusRequest) -> BaseModel:
-        cluster = self.cluster
-        now = time.monotonic()
-        reserve = cluster.settings.alloc_reserve
-        servers = [
-            ServerStatus(
-                server_id=s.server_id,
-                zone=s.zone,
-                state=s.state,
-                endpoint=s.endpoint,
-                used_bytes=max(0, s.capacity_bytes - max(0, s.free_estimate(reserve))),
-                capacity_bytes=s.capacity_bytes,
-                slabs=len(cluster.held_by(s.server_id)),
-                under_pressure=s.under_pressure,
-                draining=s.draining,
-                utilization_from="metrics" if s.from_metrics else "register",
-            )
-            for s in sorted(cluster.servers.values(), key=lambda s: s.server_id)
-        ]
-        degraded = [
-            SlabStatus(
-                tenant=key[0],
-                volume=key[1],
-                slab=key[2],
-                target=slab.target,
-                replicas=list(slab.replicas),
-                filling=list(slab.filling),
-            )
-            for key, slab in sorted(cluster.slabs.items())
-            if len(slab.replicas) < slab.target
-        ]
-        pushes = [
-            PushStatus(
-                tenant=p.key[0],
-                volume=p.key[1],
-                slab=p.key[2],
-                source=p.source,
-                target=p.target,
-                reason=p.reason,
-                seconds=max(0.0, now - p.started),
-                copying=p.push_id not in cluster.waiting and p.push_id not in cluster.clearing,
-            )
-            for p in cluster.pushes.values()
-        ]
-        return GetStatusReply(
-            msg_id=0,
-            parent_id=msg.msg_id,
-            epoch=cluster.epoch,
-            in_grace=cluster.in_grace(now),
-            slabs_total=len(cluster.slabs),
-            servers=servers,
-            degraded=degraded,
-            pushes=pushes,
-            pushes_done=cluster.pushes_done,
-            pushes_failed=cluster.pushes_failed,
-            rereplicated_bytes=cluster.rereplicated_bytes,
-        )
-
-    def _drain(self, msg: DrainServerRequest) -> BaseModel:
-        try:
-            left = self.cluster.drain(msg.server_id, cancel=msg.cancel)
-        except KeyError:
-            return self._error(msg.msg_id, ErrorCode.NOT_FOUND, f"no server {msg.server_id!r}")
-        log.info(
-            "%s server_id=%s slabs=%d",
-            "drain cancelled" if msg.cancel else "draining",
-            msg.server_id,
-            left,
-        )
-        return DrainServerReply(
-            msg_id=0,
-            parent_id=msg.msg_id,
-            server_id=msg.server_id,
-            draining=not msg.cancel,
-            slabs_left=left,
-        )
-
-    # -- orders to page servers --------------------------------------------------------------
-
-    def _next_id(self) -> int:
-        self._msg_id += 1
-        return self._msg_id
-
-    def _link(self, server_id: str) -> Link | None:
-        link = self.links.get(server_id)
-        if link is not None or self._closed:
-            return link
-        server = self.cluster.servers.get(server_id)
-        if server is None or server.liveness == "dead":
-            return None
-        sock: zmq.Socket[bytes] = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self.security.client_socket(sock, self.server_keys.get(server_id))
-        except KeyFileError:
-            sock.close(linger=0)
-            log.warning("no public key registered by server_id=%s: cannot reach it", server_id)
-            return None
-        try:
-            sock.connect(server.endpoint)
-        except zmq.ZMQError as exc:
-            # The protocol refuses endpoints libzmq cannot parse; should one slip through,
-            # this server gets no orders, and placement neither stops nor leaks the socket.
-            sock.close(linger=0)
-            log.warning(
-                "cannot connect server_id=%s endpoint=%s: %s", server_id, server.endpoint, exc
-            )
-            return None
-        link = Link(server_id, server.endpoint, sock)
-        self.links[server_id] = link
-        self._link_of_socket[sock] = link
-        self.poller.register(sock, zmq.POLLIN)
-        return link
-
-    def _close_link(self, server_id: str) -> None:
-        link = self.links.pop(server_id, None)
-        if link is None:
-            return
-        self._link_of_socket.pop(link.socket, None)
-        self.poller.unregister(link.socket)
-        link.socket.close(linger=0)
-        for msg_id, pending in list(self.pending.items()):
-            if pending.server_id == server_id:
-                del self.pending[msg_id]
-                if pending.kind == "push":
-                    self._push_failed(pending.push_id, "the source's link closed")
-                elif pending.kind == "clear":
-                    self._clear_failed(pending.push_id, "the target's link closed")
-
-    def _send_order(
-        self,
-        server_id: str,
-        msg: ListInventoryRequest | DropSlabRequest | PushSlabRequest,
-        kind: Literal["inventory", "drop", "clear", "push"],
-        push_id: int = 0,
-    ) -> bool:
-        link = self._link(server_id)
-        if link is None:
-            return False
-        frames = encode(msg)
-        try:
-            link.socket.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("could not queue %s to server_id=%s", msg.type, server_id)
-            return False
-        self.metrics.bytes_out.inc(_frames_bytes(frames))
-        self.pending[msg.msg_id] = Pending(kind, server_id, time.monotonic(), push_id)
-        return True
-
-    def _send_drops(self, drops: list[Drop]) -> None:
-        for drop in drops:
-            tenant, volume, slab = drop.key
-            log.info(
-                "ordering %s server_id=%s tenant=%s volume=%d slab=%d",
-                "clear before a push" if drop.push_id else "drop",
-                drop.server_id,
-                tenant,
-                volume,
-                slab,
-            )
-            sent = self._send_order(
-                drop.server_id,
-                DropSlabRequest(msg_id=self._next_id(), tenant=tenant, volume=volume, slab=slab),
-                "clear" if drop.push_id else "drop",
-                drop.push_id,
-            )
-            if drop.push_id and not sent:
-                self._clear_failed(drop.push_id, "could not send the order")
-
-    def _clear_failed(self, push_id: int, why: str) -> None:
-        push = self.cluster.pushes.get(push_id)
-        if push is not None:
-            log.warning("push target %s could not clear slab %s: %s", push.target, push.key, why)
-        self._send_drops(self.cluster.cleared(push_id, ok=False, now=time.monotonic()))
-
-    def _send_push(self, push: Push) -> None:
-        tenant, volume, slab = push.key
-        target = self.cluster.servers[push.target]
-        log.info(
-            "ordering push reason=%s tenant=%s volume=%d slab=%d from=%s to=%s",
-            push.reason,
-            tenant,
-            volume,
-            slab,
-            push.source,
-            push.target,
-        )
-        sent = self._send_order(
-            push.source,
-            PushSlabRequest(
-                msg_id=self._next_id(),
-                tenant=tenant,
-                volume=volume,
-                slab=slab,
-                target_endpoint=target.endpoint,
-                target_public_key=self.server_keys.get(push.target),
-                timeout=min(PUSH_IDLE_TIMEOUT, self.config.push_timeout),
-            ),
-            "push",
-            push.push_id,
-        )
-        if not sent:
-            self._push_failed(push.push_id, "could not send the order")
-
-    def _push_failed(self, push_id: int, why: str) -> None:
-        push = self.cluster.pushes.get(push_id)
-        if push is None:
-            return
-        log.warning(
-            "push failed slab=%s from=%s to=%s: %s", push.key, push.source, push.target, why
-        )
-        self.metrics.push_failed.inc()
-        self._send_drops(self.cluster.push_finished(push_id, ok=False, now=time.monotonic()))
-
-    def _on_link_readable(self, link: Link) -> None:
-        while link.server_id in self.links:
-            try:
-                frames = link.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.metrics.bytes_in.inc(_frames_bytes(frames))
-            try:
-                reply, _ = decode(frames, LINK_REPLY_ADAPTER)
-            except ProtocolError as exc:
-                log.warning("server_id=%s sent a malformed reply: %s", link.server_id, exc.detail)
-                if exc.reason in MALFORMED_REASONS:
-                    self.metrics.malformed_by[exc.reason].inc()
-                continue
-            # Any answer on its data endpoint shows the server is reachable: clears a probe.
-            self.cluster.probe_answered(link.server_id, time.monotonic())
-            pending = self.pending.pop(reply.parent_id, None)
-            if pending is None:
-                continue
-            self._on_order_reply(pending, reply)
-
-    def _on_order_reply(self, pending: Pending, reply: LinkReply) -> None:
-        now = time.monotonic()
-        if pending.kind == "push":
-            push = self.cluster.pushes.get(pending.push_id)
-            if isinstance(reply, PushSlabReply) and push is not None:
-                self.metrics.push_ok.inc()
-                self.metrics.rereplication_bytes.inc(reply.bytes)
-                self.metrics.rereplication_duration.observe(now - pending.sent)
-                log.info(
-                    "push done tenant=%s volume=%d slab=%d to=%s pages=%d seconds=%.3f",
-                    *push.key,
-                    push.target,
-                    reply.pages,
-                    reply.seconds,
-                )
-                drops = self.cluster.push_finished(
-                    pending.push_id, ok=True, copied_bytes=reply.bytes, now=now
-                )
-                self._send_drops(drops)
-            elif isinstance(reply, ErrorReply):
-                self._push_failed(pending.push_id, f"{reply.error_code}: {reply.detail}")
-        elif pending.kind == "clear":
-            if isinstance(reply, ErrorReply):
-                self._clear_failed(pending.push_id, f"{reply.error_code}: {reply.detail}")
-            else:
-                self._send_drops(self.cluster.cleared(pending.push_id, ok=True, now=now))
-        elif isinstance(reply, ListInventoryReply):
-            drops = self.cluster.adopt_inventory(
-                pending.server_id,
-                [(s.tenant, s.volume, s.slab) for s in reply.slabs],
-                now,
-            )
-            self._send_drops(drops)
-        elif isinstance(reply, ErrorReply):
-            log.warning(
-                "server_id=%s refused %s: %s %s",
-                pending.server_id,
-                pending.kind,
-                reply.error_code,
-                reply.detail,
-            )
-
-    def _expire_pending(self, now: float) -> None:
-        for msg_id, pending in list(self.pending.items()):
-            limit = self.config.push_timeout if pending.kind == "push" else ORDER_TIMEOUT
-            if now - pending.sent > limit:
-                del self.pending[msg_id]
-                if pending.kind == "push":
-                    self._push_failed(pending.push_id, f"no answer in {limit}s")
-                elif pending.kind == "clear":
-                    self._clear_failed(pending.push_id, f"no answer in {limit}s")
 
     # -- utilization and notices -------------------------------------------------------------
 
@@ -841,54 +497,6 @@ class PlacementServer:
                     [map_topic(tenant, volume), notice.model_dump_json().encode()],
                     flags=zmq.NOBLOCK,
                 )
-
-
-def start(config: PlacementConfig, lifecycle: Lifecycle) -> Started[Servable]:
-    """Build the cluster state, bind: placement, ready to serve."""
-    security = Security.from_settings(config, "placement")
-    # Epochs only need to grow, also across restarts of placement: start from the clock in
-    # microseconds, far above anything a previous run could have counted up to.
-    cluster = Cluster(config.policy(), started=time.monotonic(), epoch_start=time.time_ns() // 1000)
-    metrics = PlacementMetrics(REGISTRY)
-    metrics.watch(
-        StateGauges(
-            servers=lambda: _count_states(cluster),
-            slabs=cluster.slab_states,
-            epoch=lambda: cluster.epoch,
-        )
-    )
-    context = lifecycle.zmq_context()
-    lifecycle.serve_security(security, context, ADMITTED_ROLES, metrics.auth)
-    utilization = UtilizationPoller(
-        config.utilization_source,
-        interval=config.scrape_interval,
-        timeout=config.scrape_timeout,
-        prometheus_url=config.prometheus_url,
-    )
-    server = PlacementServer(config, cluster, metrics, context, utilization, security)
-    lifecycle.callback(server.close)
-    with lifecycle.as_failure("cannot bind", zmq.ZMQError):
-        endpoint = server.bind(config.listen)
-        publish = server.bind_publish(config.publish) if config.publish else None
-    ready: dict[str, object] = {
-        "endpoint": endpoint,
-        "metrics": lifecycle.metrics_endpoint(config.metrics_port, config.metrics_host),
-    }
-    if publish:
-        ready["publish"] = publish
-    ready |= {
-        "source": config.utilization_source,
-        "grace": f"{config.restart_grace:.1f}s",
-        "curve": security.enabled,
-    }
-    return Started(server, ready)
-
-
-def _count_states(cluster: Cluster) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for server in cluster.servers.values():
-        counts[server.state] = counts.get(server.state, 0) + 1
-    return counts
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> str:

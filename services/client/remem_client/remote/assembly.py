@@ -17,7 +17,7 @@ from remem_common.security import KeyFileError, Security, load_public_key
 
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
-from remem_client.placement_client import PlacementClient
+from remem_client.placement_link import PlacementLink
 from remem_client.readahead import read_ahead_of
 from remem_client.remote.backend import RemoteBackend
 from remem_client.sealing import PageSealer, SealingError, open_page_sealer
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 class _RemoteCollector(Collector):
     """Replica and placement state, read at scrape time (plain ints on the hot path)."""
 
-    def __init__(self, backend: RemoteBackend, placement: PlacementClient) -> None:
+    def __init__(self, backend: RemoteBackend, placement: PlacementLink) -> None:
         self._backend = backend
         self._placement = placement
 
@@ -199,7 +199,7 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         )
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     malformed = MalformedReplies()
-    placement = PlacementClient(
+    placement = PlacementLink(
         config.placement,
         tenant=config.tenant,
         volume=config.volume,

@@ -95,7 +95,7 @@ class RemoteBackend:
                 raise ValueError("RemoteBackend needs a ZeroMQ context or a link pool")
             links = LinkPool(context, security, tenant, volume, replica_timeout, malformed)
         self._links = links
-        # Placement writes the slab map (`placement_client`), not this facade.
+        # Placement writes the slab map (`placement_link`), not this facade.
         self.slabs = SlabMap(pages, placement, links, stats, on_failure=on_replica_failure)
         self._ordering = WriteOrdering(self.slab_count)
         core = Core(pages, self.slabs, links, self._ordering, stats)

@@ -2,7 +2,7 @@
 
 Per slab the client keeps the ids of its replicas (a few bytes per 64 MiB slab) and the push
 targets a re-replication is filling (written to, not read from yet). Placement writes here:
-its answers to allocations and its map updates (`placement_client`), and its replies to
+its answers to allocations and its map updates (`placement_link`), and its replies to
 missed-write reports. The backend's parts read here which replicas to write and to read.
 
 Health, as the client sees it: a replica that failed a request is left alone for

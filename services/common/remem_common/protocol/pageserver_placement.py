@@ -160,10 +160,10 @@ class PushSlabReply(Reply):
     corrupt: int = Field(default=0, ge=0)  # pages skipped: checksum mismatch at the source
 
 
-AdminRequest = Annotated[
+SlabOrder = Annotated[
     ListInventoryRequest | DropSlabRequest | PushSlabRequest, Field(discriminator="type")
 ]
-ADMIN_REQUEST_ADAPTER: TypeAdapter[AdminRequest] = TypeAdapter(AdminRequest)
+SLAB_ORDER_ADAPTER: TypeAdapter[SlabOrder] = TypeAdapter(SlabOrder)
 
 ControlRequest = Annotated[RegisterServerRequest | HeartbeatRequest, Field(discriminator="type")]
 CONTROL_REQUEST_ADAPTER: TypeAdapter[ControlRequest] = TypeAdapter(ControlRequest)

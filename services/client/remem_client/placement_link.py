@@ -54,7 +54,7 @@ REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementReply)
 SEND_HWM = 1000
 
 
-class PlacementError(Exception):
+class PlacementLinkError(Exception):
     """Placement refused or did not answer."""
 
     def __init__(self, code: ErrorCode | str, detail: str) -> None:
@@ -67,7 +67,7 @@ def _replicas(refs: list[ReplicaRef]) -> list[Replica]:
     return [Replica(ref.server_id, ref.endpoint, ref.public_key) for ref in refs]
 
 
-class PlacementClient:
+class PlacementLink:
     """Implements `remote.slabmap.SlabPlacement` over placement's ROUTER."""
 
     def __init__(
@@ -124,7 +124,7 @@ class PlacementClient:
         self._slabs = slabs
         try:
             await self.refresh_map()
-        except PlacementError as exc:
+        except PlacementLinkError as exc:
             log.warning("placement has no map for us yet: %s", exc)
         self._spawn(self._poll_map())
 
@@ -135,7 +135,7 @@ class PlacementClient:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._closed = True
-        self._pending.fail_all(lambda: PlacementError("closed", "placement link closed"))
+        self._pending.fail_all(lambda: PlacementLinkError("closed", "placement link closed"))
         self._dealer.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -146,14 +146,14 @@ class PlacementClient:
     # -- requests --------------------------------------------------------------------------
 
     async def _call(self, msg: Request) -> Any:
-        """Send `msg` and return its reply; raises PlacementError for an error reply, a
+        """Send `msg` and return its reply; raises PlacementLinkError for an error reply, a
         timeout (code "timeout"), a full queue (unavailable) or a closed link."""
         if self._closed:
-            raise PlacementError("closed", "placement link closed")
+            raise PlacementLinkError("closed", "placement link closed")
         try:
             self._dealer.send(encode(msg))
         except DealerBusy as exc:
-            raise PlacementError(ErrorCode.UNAVAILABLE, f"cannot send: {exc}") from None
+            raise PlacementLinkError(ErrorCode.UNAVAILABLE, f"cannot send: {exc}") from None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending.add(msg.msg_id, future)
         try:
@@ -161,13 +161,13 @@ class PlacementClient:
         finally:
             self._pending.discard(msg.msg_id)  # a caller that gave up (cancelled)
         if isinstance(reply, ErrorReply):
-            raise PlacementError(reply.error_code, reply.detail)
+            raise PlacementLinkError(reply.error_code, reply.detail)
         return reply
 
     def _expired(self, future: asyncio.Future[Any]) -> None:
         if not future.done():
             future.set_exception(
-                PlacementError("timeout", f"placement {self.endpoint} did not answer")
+                PlacementLinkError("timeout", f"placement {self.endpoint} did not answer")
             )
 
     def _on_reply(self, frames: list[Any]) -> None:
@@ -188,7 +188,7 @@ class PlacementClient:
                         replicas=self.replicas,
                     )
                 )
-            except PlacementError as exc:
+            except PlacementLinkError as exc:
                 if exc.code in (ErrorCode.UNAVAILABLE, "timeout"):
                     log.info(
                         "placement not ready (%s); retrying allocation of slab %d", exc.code, slab
@@ -207,7 +207,7 @@ class PlacementClient:
             if self._slabs is not None and reply.filling:
                 self._slabs.set_replicas(slab, _replicas(reply.replicas), _replicas(reply.filling))
             return _replicas(reply.replicas)
-        raise PlacementError(ErrorCode.UNAVAILABLE, "placement stayed unavailable")
+        raise PlacementLinkError(ErrorCode.UNAVAILABLE, "placement stayed unavailable")
 
     def report_failure(
         self, server_id: str, slab: int, detail: str, *, missed_write: bool = False
@@ -231,7 +231,7 @@ class PlacementClient:
             log.info("reported %s to placement: now %s", server_id, reply.server_state)
             if missed_write and self._slabs is not None:
                 self._slabs.stale_reported(server_id, slab, reply.epoch)
-        except PlacementError as exc:
+        except PlacementLinkError as exc:
             log.warning("could not report %s to placement: %s", server_id, exc)
         self._refresh.set()
 
@@ -282,5 +282,5 @@ class PlacementClient:
             self._refresh.clear()
             try:
                 await self.refresh_map()
-            except PlacementError as exc:
+            except PlacementLinkError as exc:
                 log.debug("map poll failed: %s", exc)
