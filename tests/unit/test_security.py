@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from remem_cli.keys import main as keys_main
 from remem_client.config import ENV_PREFIX as CLIENT_PREFIX
 from remem_client.config import ClientConfig
+from remem_client.errors import StartupError
 from remem_client.remote.assembly import open_remote
-from remem_client.server import StartupError
 from remem_common.config import load_config
 from remem_common.security import (
     Identity,

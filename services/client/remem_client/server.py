@@ -25,6 +25,7 @@ from urllib.parse import quote
 from prometheus_client import REGISTRY, start_http_server
 
 from remem_client import handover
+from remem_client.errors import StartupError
 from remem_client.memory_backend import MemoryBackend
 from remem_client.metrics import build_metrics
 from remem_client.nbd import wire
@@ -42,10 +43,6 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_FORCED = 130  # a second SIGTERM/SIGINT cut the shutdown short
-
-
-class StartupError(Exception):
-    """Something could not be bound or built; the message is the one log line."""
 
 
 def transmission_flags(backend: Backend) -> int:

@@ -15,13 +15,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from remem_common.security import KeyFileError, Security, load_public_key
 
+from remem_client.errors import StartupError
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_link import PlacementLink
 from remem_client.readahead import read_ahead_of
 from remem_client.remote.backend import RemoteBackend
 from remem_client.sealing import PageSealer, SealingError, open_page_sealer
-from remem_client.server import StartupError
 
 log = logging.getLogger("client.remote")
 
