@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from remem_common.pageserver_client import PageServerClient
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 from remem_common.protocol.admin_placement import GetStatusReply
 from remem_common.protocol.client_placement import GetMapReply
 from remem_common.protocol.pages import make_keys
@@ -236,11 +236,11 @@ class FaultCluster:
         return sum(v for k, v in metrics.items() if 'result="error"' in k)
 
     def status(self) -> GetStatusReply:
-        with PlacementClient(self.placement_endpoint) as admin:
+        with BlockingPlacementClient(self.placement_endpoint) as admin:
             return admin.status()
 
     def slab_map(self) -> GetMapReply:
-        with PlacementClient(self.placement_endpoint) as admin:
+        with BlockingPlacementClient(self.placement_endpoint) as admin:
             return admin.get_map(TENANT, VOLUME)
 
     def wait_registered(self, names: set[str], timeout: float = 30) -> None:

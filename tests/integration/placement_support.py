@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 from remem_common.pageserver_client import PageServerClient
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 from remem_common.protocol.admin_placement import GetStatusReply
 from remem_common.protocol.pages import PAGE_SIZE, make_keys
 from remem_common.testing import ServiceProcess, scrape_metrics, start_service
@@ -85,7 +85,7 @@ def scrape(service: ServiceProcess) -> dict[str, float]:
 
 
 def status_of(placement: ServiceProcess) -> GetStatusReply:
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         return client.status()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 from remem_common.process import ServiceProcess
 from remem_common.testing import scrape_metrics, start_service
 
@@ -104,7 +104,7 @@ def test_nbdcopy_256mib_round_trip_is_identical(cluster, tmp_path: Path) -> None
     assert digests[0] == digests[1]
     # Every page is on two page servers, in distinct zones.
     placement = ready_fields(state / "logs" / "placement.log")["endpoint"]
-    with PlacementClient(placement) as admin:
+    with BlockingPlacementClient(placement) as admin:
         status = admin.status()
     used = [s.used_bytes for s in status.servers if s.state == "live"]
     assert sum(used) >= 2 * 256 * MiB
@@ -180,7 +180,7 @@ def test_page_server_sigkill_during_fio_verify_loses_nothing(tmp_path: Path) -> 
         killed = threading.Event()
 
         def kill_once_written() -> None:
-            with PlacementClient(placement) as admin:
+            with BlockingPlacementClient(placement) as admin:
                 for _ in range(600):
                     if sum(s.slabs for s in admin.status().servers) >= 2:
                         break
@@ -205,7 +205,7 @@ def test_page_server_sigkill_during_fio_verify_loses_nothing(tmp_path: Path) -> 
         # Placement re-replicates the dead server's slabs; then everything verifies again,
         # now also from the new replicas.
         pause = threading.Event()  # never set: a wait that cannot be cut short
-        with PlacementClient(placement) as admin:
+        with BlockingPlacementClient(placement) as admin:
             for _ in range(600):
                 status = admin.status()
                 if not status.degraded and not status.pushes:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from remem_common.placement_client import PlacementClient, PlacementError
+from remem_common.placement_requests import BlockingPlacementClient, PlacementRequestError
 from remem_common.protocol.client_placement import (
     MapChangedNotice,
     map_topic,
@@ -78,7 +78,7 @@ def test_allocation_follows_free_memory_and_zones(
     states = {s.server_id: s.state for s in status_of(placement).servers}
     assert states["pres"] == "pressure" and states["big"] == "live"
 
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         # k=3: one per zone, the most free of each: big (a), mid (b), pre (c). Not twin:
         # it has more free memory than mid and pre, but shares zone a with big.
         first = client.allocate("t", 1, 0, replicas=3)
@@ -104,7 +104,7 @@ def test_allocation_follows_free_memory_and_zones(
         # With every eligible server draining, nothing is left: a clear refusal.
         for name in ("big", "twin", "mid", "pre"):
             client.drain(name)
-        with pytest.raises(PlacementError) as refused:
+        with pytest.raises(PlacementRequestError) as refused:
             client.allocate("t", 1, 3, replicas=1)
     assert refused.value.code == ErrorCode.NO_SPACE
     detail = refused.value.detail
@@ -133,7 +133,7 @@ def test_a_burst_before_the_next_scrape_spreads_out(
         start_pageserver(name=name, capacity=f"{mib}MiB", extra=ps_args(placement, name))
     wait_registered(placement, set(free))
     chosen = []
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         for slab in range(12):
             chosen.append(client.allocate("t", 2, slab, replicas=1).replicas[0].server_id)
     # Reference: each pick is the server with most free memory after 16 MiB for every slab
@@ -162,7 +162,7 @@ def test_map_changes_are_published_and_reports_probe_the_server(
     sub.connect(placement.ready["publish"])
     sub.setsockopt(zmq.SUBSCRIBE, map_topic("t", 3))
     try:
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             slabs = iter(range(1000))
 
             def notice() -> tuple[int, MapChangedNotice] | None:
@@ -180,7 +180,7 @@ def test_map_changes_are_published_and_reports_probe_the_server(
             assert client.get_map("t", 3, since_epoch=seen.epoch - 1).changed
     finally:
         sub.close(linger=0)
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         reply = client.report_failure("t", 0, 0, "ok1", "timeout")
         assert reply.server_state == "suspect"
         # The probe (an inventory request to its data endpoint) is answered: live again.
@@ -189,7 +189,7 @@ def test_map_changes_are_published_and_reports_probe_the_server(
             lambda: status_of(placement).servers[0].state == "live",
             timeout=5,
         )
-        with pytest.raises(PlacementError) as unknown:
+        with pytest.raises(PlacementRequestError) as unknown:
             client.report_failure("t", 0, 0, "nobody")
     assert unknown.value.code == ErrorCode.NOT_FOUND
     assert placement.stop() == 0  # SIGTERM: a clean exit

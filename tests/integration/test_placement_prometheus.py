@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 
 from ..conftest import StartPageServer
 from .placement_support import (
@@ -123,7 +123,7 @@ def test_utilization_from_the_prometheus_http_api(
         used = {s.server_id: s.used_bytes for s in status_of(placement).servers}
         # The page servers' own gauges, as Prometheus stored them.
         assert used["p1"] == 40 * MiB and used["p2"] == 0
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             # p2 has 96 MiB free, p1 56: slabs go to p2 until its reservations (16 MiB per
             # slab, kept until Prometheus holds a sample newer than the allocation) make it
             # look fuller than p1: 80, 64, 48 < 56.

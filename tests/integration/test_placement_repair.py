@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from remem_common.pageserver_client import PageServerClient
-from remem_common.placement_client import PlacementClient, PlacementError
+from remem_common.placement_requests import BlockingPlacementClient, PlacementRequestError
 from remem_common.protocol.client_placement import GetMapReply
 from remem_common.protocol.envelope import ErrorCode
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES
@@ -68,7 +68,7 @@ def allocate_and_write(
 ) -> dict[int, np.ndarray]:
     """Allocate slabs 0..slabs-1 of volume t/1 and write `pages` pages to all their replicas."""
     data = {}
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         for slab in range(slabs):
             reply = client.allocate("t", 1, slab, replicas=replicas)
             assert len(reply.replicas) == replicas and not reply.degraded
@@ -79,7 +79,7 @@ def allocate_and_write(
 
 
 def current_map(placement: ServiceProcess) -> GetMapReply:
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         return client.get_map("t", 1)
 
 
@@ -141,7 +141,7 @@ def test_sigkill_of_a_page_server_is_repaired_from_survivors(
 
     def repaired() -> GetMapReply | None:
         nonlocal applied
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             reply = client.get_map("t", 1, since_epoch=applied)
         applied = reply.epoch
         if not reply.changed:
@@ -277,7 +277,7 @@ def test_pressure_moves_slabs_off_and_keeps_new_ones_away(
     with PageServerClient(donor.ready["endpoint"]) as donor_client:
         assert donor_client.inventory().slabs == []  # its memory is given back to the host
     assert_all_copies_identical(after, data)
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         for slab in range(10, 16):
             reply = client.allocate("t", 1, slab, replicas=2)
             assert "donor" not in {r.server_id for r in reply.replicas}
@@ -303,10 +303,10 @@ def test_placement_restart_rebuilds_the_same_map_without_moving_anything(
     placement.kill(signal.SIGKILL)
     again = placements.start([*FAST, "--restart-grace", "3"], port=port)
     assert again.ready["endpoint"] == placement.ready["endpoint"]
-    with PlacementClient(again.ready["endpoint"]) as client:
+    with BlockingPlacementClient(again.ready["endpoint"]) as client:
         # While it rebuilds its map, placement places no new slab (it might be one a page
         # server is about to report): a clear error with a retry hint.
-        with pytest.raises(PlacementError) as rebuilding:
+        with pytest.raises(PlacementRequestError) as rebuilding:
             client.allocate("t", 1, 50, replicas=2)
         assert rebuilding.value.code == ErrorCode.UNAVAILABLE
         assert "rebuilding its map" in rebuilding.value.detail
@@ -316,7 +316,7 @@ def test_placement_restart_rebuilds_the_same_map_without_moving_anything(
     assert rows(after) == rows(before)
     assert after.servers == before.servers
     assert after.epoch > before.epoch  # a restarted placement never goes back in epochs
-    with PlacementClient(again.ready["endpoint"]) as client:
+    with BlockingPlacementClient(again.ready["endpoint"]) as client:
         for slab, replicas in rows(before).items():
             reply = client.allocate("t", 1, slab, replicas=2)
             assert sorted(r.server_id for r in reply.replicas) == replicas

@@ -22,7 +22,11 @@ from remem_cli.up import UpConfig
 from remem_common.config import load_config
 from remem_common.mirror_client import MirrorClient, MirrorTimeout
 from remem_common.pageserver_client import PageServerClient, PageServerError, PageServerTimeout
-from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.placement_requests import (
+    BlockingPlacementClient,
+    PlacementRequestError,
+    PlacementRequestTimeout,
+)
 from remem_common.protocol.admin_placement import GetStatusReply
 from remem_common.protocol.envelope import ErrorCode
 from remem_common.protocol.pages import make_keys
@@ -88,11 +92,13 @@ def page_client(
     )
 
 
-def placement_client(keys: Path, name: str | None, placement: ServiceProcess) -> PlacementClient:
+def placement_client(
+    keys: Path, name: str | None, placement: ServiceProcess
+) -> BlockingPlacementClient:
     endpoint = placement.ready["endpoint"]
     if name is None:
-        return PlacementClient(endpoint, timeout=SILENCE)
-    return PlacementClient(
+        return BlockingPlacementClient(endpoint, timeout=SILENCE)
+    return BlockingPlacementClient(
         endpoint,
         timeout=5.0,
         security=Security.curve(secret_of(keys, name)),
@@ -220,15 +226,15 @@ def test_cluster_under_curve_keeps_tenants_apart_and_repairs_by_peer_push(
             lambda: alice.get_map("b", 1),
             lambda: alice.status(),
         ):
-            with pytest.raises(PlacementError) as error:
+            with pytest.raises(PlacementRequestError) as error:
                 attempt()
             assert error.value.code == ErrorCode.FORBIDDEN
-    with placement_client(keys, None, placement) as plain, pytest.raises(PlacementTimeout):
+    with placement_client(keys, None, placement) as plain, pytest.raises(PlacementRequestTimeout):
         plain.status()
     # A page server cannot make clients trust a key that is not its own.
     with (
         placement_client(keys, "ps-c", placement) as impostor,
-        pytest.raises(PlacementError) as error,
+        pytest.raises(PlacementRequestError) as error,
     ):
         impostor.call(
             RegisterServerRequest(
@@ -310,13 +316,13 @@ def test_remem_up_over_tcp_runs_curve_everywhere(keys: Path, tmp_path: Path) -> 
             plain.describe()
         # Keys from another deployment are nobody here.
         with (
-            PlacementClient(
+            BlockingPlacementClient(
                 placement_endpoint,
                 timeout=SILENCE,
                 security=Security.curve(keys / "admin.key_secret"),
                 server_key=load_public_key(key_dir / "placement.key"),
             ) as stranger,
-            pytest.raises(PlacementTimeout),
+            pytest.raises(PlacementRequestTimeout),
         ):
             stranger.status()
     finally:

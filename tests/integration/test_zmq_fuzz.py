@@ -45,7 +45,7 @@ from remem_common.framing import decode, encode
 from remem_common.mirror_client import MirrorClient
 from remem_common.pageserver_client import REPLY_ADAPTER as CLIENT_REPLY_ADAPTER
 from remem_common.pageserver_client import PageServerClient, PageServerError
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 from remem_common.protocol.admin_placement import DrainServerRequest, GetStatusRequest
 from remem_common.protocol.client_mirror import (
     AttachMirrorRequest,
@@ -75,10 +75,13 @@ from remem_common.protocol.client_placement import (
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
 from remem_common.protocol.pages import PAGE_SIZE, checksum_pages, make_keys
 from remem_common.protocol.pageserver_peer import (
+    PEER_REPLY_ADAPTER,
     ReceiveSlabPagesReply,
     ReceiveSlabPagesRequest,
 )
 from remem_common.protocol.pageserver_placement import (
+    CONTROL_REPLY_ADAPTER,
+    SLAB_ORDER_REPLY_ADAPTER,
     DropSlabReply,
     DropSlabRequest,
     HeartbeatReply,
@@ -91,9 +94,6 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
 )
 from remem_common.testing import ServiceProcess, scrape_metrics, start_service
-from remem_pageserver.registration import PLACEMENT_REPLY_ADAPTER
-from remem_pageserver.slab_push import PEER_REPLY_ADAPTER
-from remem_placement.orders import LINK_REPLY_ADAPTER
 
 from .. import fuzz_summary
 from ..conftest import StartPageServer
@@ -310,7 +310,7 @@ def test_pageserver_placement_link(start_pageserver: StartPageServer, zmq_contex
         sent = send_paced(
             placement.socket,
             routing,
-            bad_replies(PLACEMENT_REPLY_SAMPLES, PLACEMENT_REPLY_ADAPTER),
+            bad_replies(PLACEMENT_REPLY_SAMPLES, CONTROL_REPLY_ADAPTER),
             examples,
             lambda: malformed_total(scrape(server), "pageserver"),
         )
@@ -434,12 +434,12 @@ def test_placement_router(
     placement = placements.start([*FAST, "--restart-grace", "0"])
     start_pageserver(name="keeper-ps", extra=["--placement", placement.ready["endpoint"]])
     wait_registered(placement, {"keeper-ps"})
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         kept = client.allocate("keeper", 0, 0, replicas=1)
         assert [r.server_id for r in kept.replicas] == ["keeper-ps"]
 
     def map_intact() -> None:
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             reply = client.get_map("keeper", 0)
             assert reply.slabs == [(0, ["keeper-ps"], [])], reply
 
@@ -454,7 +454,7 @@ def test_placement_router(
         between=map_intact,
     )
     map_intact()
-    with PlacementClient(placement.ready["endpoint"]) as client:
+    with BlockingPlacementClient(placement.ready["endpoint"]) as client:
         assert any(
             s.server_id == "keeper-ps" and s.state == "live" for s in client.status().servers
         )
@@ -529,7 +529,7 @@ def test_placement_pageserver_link(placements: PlacementProcesses, zmq_context: 
         sent = send_paced(
             fake.socket,
             routing,
-            bad_replies(LINK_REPLY_SAMPLES, LINK_REPLY_ADAPTER),
+            bad_replies(LINK_REPLY_SAMPLES, SLAB_ORDER_REPLY_ADAPTER),
             examples,
             lambda: malformed_total(scrape(placement), "placement") - before,
         )
@@ -539,12 +539,12 @@ def test_placement_pageserver_link(placements: PlacementProcesses, zmq_context: 
         )
         assert sent >= 0.9 * examples and counted == sent
         # The link still works: a failure report makes placement ask for the inventory again.
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             state = client.report_failure("t", 0, 0, "fake", "fuzz")
             assert state.server_state in ("live", "suspect")
         _, again, _ = fake.receive(TypeAdapter(ListInventoryRequest))
         assert again.msg_id > inventory.msg_id
-        with PlacementClient(placement.ready["endpoint"]) as client:
+        with BlockingPlacementClient(placement.ready["endpoint"]) as client:
             fake_state = next(s.state for s in client.status().servers if s.server_id == "fake")
             assert fake_state in ("live", "suspect"), fake_state
     finally:

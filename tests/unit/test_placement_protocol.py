@@ -11,7 +11,7 @@ import remem_common.protocol.client_placement as client_module
 from pydantic import BaseModel, ValidationError
 from remem_common.config import load_config
 from remem_common.framing import decode, encode
-from remem_common.placement_client import PLACEMENT_REPLY_ADAPTER
+from remem_common.placement_requests import PLACEMENT_REPLY_ADAPTER
 from remem_common.protocol.admin_placement import (
     DrainServerReply,
     DrainServerRequest,

@@ -35,8 +35,13 @@ from remem_common.protocol.pages import (
     unpack_page_indices,
     unpack_pages,
 )
-from remem_common.protocol.pageserver_peer import ReceiveSlabPagesReply, ReceiveSlabPagesRequest
+from remem_common.protocol.pageserver_peer import (
+    PEER_REPLY_ADAPTER,
+    ReceiveSlabPagesReply,
+    ReceiveSlabPagesRequest,
+)
 from remem_common.protocol.pageserver_placement import (
+    CONTROL_REPLY_ADAPTER,
     CONTROL_REQUEST_ADAPTER,
     DropSlabReply,
     DropSlabRequest,
@@ -50,9 +55,7 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
     SlabInventory,
 )
-from remem_pageserver.registration import PLACEMENT_REPLY_ADAPTER
 from remem_pageserver.server import SERVED_ADAPTER
-from remem_pageserver.slab_push import PEER_REPLY_ADAPTER
 
 SERVED = [
     PutPagesRequest(msg_id=1, tenant="t", volume=2, count=3),
@@ -115,7 +118,7 @@ def test_control_and_peer_messages_round_trip() -> None:
         RegisterServerReply(msg_id=0, parent_id=1, heartbeat_interval=0.5),
         HeartbeatReply(msg_id=0, parent_id=2, registered=False),
     ):
-        assert decode(encode(reply), PLACEMENT_REPLY_ADAPTER)[0] == reply
+        assert decode(encode(reply), CONTROL_REPLY_ADAPTER)[0] == reply
     peer = ReceiveSlabPagesReply(msg_id=0, parent_id=3, stored=2, skipped=1)
     assert decode(encode(peer), PEER_REPLY_ADAPTER)[0] == peer
 

@@ -58,7 +58,11 @@ from pydantic import ByteSize, Field, model_validator
 from remem_common.config import ServiceConfig, load_config
 from remem_common.local_cluster import LocalCluster, remove_cluster, write_cluster
 from remem_common.logs import setup_logging
-from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.placement_requests import (
+    BlockingPlacementClient,
+    PlacementRequestError,
+    PlacementRequestTimeout,
+)
 from remem_common.process import ServiceProcess, ServiceStartError, spawn_service
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_BYTES
 from remem_common.security import Role, Security, load_public_key, write_keypair
@@ -363,13 +367,13 @@ class Cluster:
         """Block until placement lists `count` live page servers."""
         deadline = time.monotonic() + self.config.start_timeout
         security, server_key = self.admin_security()
-        with PlacementClient(
+        with BlockingPlacementClient(
             endpoint, context=self.context, timeout=1.0, security=security, server_key=server_key
         ) as placement:
             while time.monotonic() < deadline:
                 try:
                     status = placement.status()
-                except (PlacementError, PlacementTimeout):
+                except (PlacementRequestError, PlacementRequestTimeout):
                     continue
                 if sum(1 for s in status.servers if s.state == "live") >= count:
                     return

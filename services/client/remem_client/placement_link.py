@@ -17,17 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, TypeAdapter
 from remem_common.framing import encode
 from remem_common.protocol.client_placement import (
+    CLIENT_REPLY_ADAPTER,
     AllocateSlabReply,
     AllocateSlabRequest,
+    ClientReply,
     GetMapReply,
     GetMapRequest,
     ReplicaRef,
-    ReportFailureReply,
     ReportFailureRequest,
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, Request
@@ -43,11 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("client.placement")
 
-PlacementReply = Annotated[
-    AllocateSlabReply | GetMapReply | ReportFailureReply | ErrorReply,
-    Field(discriminator="type"),
-]
-REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementReply)
 # Requests queued toward a placement that does not take them (libzmq's default high-water
 # mark, which this link had before it had a dealer of its own): past it a request fails at
 # once, as `unavailable`.
@@ -91,8 +86,8 @@ class PlacementLink:
         self.timeout = timeout
         self.poll_interval = poll_interval
         self._loop = asyncio.get_running_loop()
-        self._pending: PendingRequests[PlacementReply] = PendingRequests(
-            REPLY_ADAPTER,
+        self._pending: PendingRequests[ClientReply] = PendingRequests(
+            CLIENT_REPLY_ADAPTER,
             peer="placement",
             name=f"placement {endpoint}",
             timeout=timeout,

@@ -1,16 +1,18 @@
 """The socket part shared by remem's blocking clients: one DEALER, its context, request ids,
-and send / receive / call with a timeout."""
+and send / receive / call with a timeout; and `waiting_replies`, the receive side of a DEALER
+that a poll loop drives without blocking."""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, ClassVar, Self
+from collections.abc import Iterator
+from typing import Any, ClassVar, Self, TypeVar
 
 import zmq
 from pydantic import BaseModel, TypeAdapter
 
 from remem_common.framing import decode, encode
-from remem_common.protocol.envelope import ErrorReply
+from remem_common.protocol.envelope import ErrorReply, ProtocolError
 from remem_common.security import Security
 
 
@@ -99,3 +101,27 @@ class RequestDealer(BlockingDealer):
         """Send one request and wait for its reply: (reply model, payload frames)."""
         self.send(msg, *payload)
         return self.receive(timeout)
+
+
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
+
+
+def waiting_replies(
+    socket: zmq.Socket[bytes], adapter: TypeAdapter[ReplyT]
+) -> Iterator[ReplyT | ProtocolError]:
+    """Each reply already waiting on `socket`, decoded with `adapter`, without blocking.
+
+    A malformed reply comes as its `ProtocolError`, so the caller decides whether it ends the
+    exchange. Stop iterating before closing the socket: each step receives from it.
+    """
+    while True:
+        try:
+            frames = socket.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            reply, _ = decode(frames, adapter)
+        except ProtocolError as exc:
+            yield exc
+            continue
+        yield reply

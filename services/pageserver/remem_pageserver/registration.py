@@ -10,16 +10,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated
 
 import zmq
-from pydantic import Field, TypeAdapter
-from remem_common.framing import decode, encode
-from remem_common.protocol.envelope import (
-    ErrorReply,
-    ProtocolError,
-)
+from remem_common.dealer import waiting_replies
+from remem_common.framing import encode
+from remem_common.protocol.envelope import ProtocolError
 from remem_common.protocol.pageserver_placement import (
+    CONTROL_REPLY_ADAPTER,
     HeartbeatReply,
     HeartbeatRequest,
     RegisterServerReply,
@@ -32,12 +29,6 @@ from remem_common.security import (
 from remem_pageserver.metrics import PageServerMetrics
 
 log = logging.getLogger("pageserver")
-
-PLACEMENT_REPLY_ADAPTER: TypeAdapter[RegisterServerReply | HeartbeatReply | ErrorReply] = (
-    TypeAdapter(
-        Annotated[RegisterServerReply | HeartbeatReply | ErrorReply, Field(discriminator="type")]
-    )
-)
 
 # How long the link's thread waits for a reply before it checks its timers again.
 POLL_MS = 100
@@ -103,16 +94,10 @@ class RegistrationLink:
         self._next_due = now + self.interval
 
     def on_readable(self) -> None:
-        while True:
-            try:
-                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply, _ = decode(frames, PLACEMENT_REPLY_ADAPTER)
-            except ProtocolError as exc:
-                log.warning("placement sent a malformed reply: %s", exc.detail)
-                self._metrics.count_malformed(exc)
+        for reply in waiting_replies(self.socket, CONTROL_REPLY_ADAPTER):
+            if isinstance(reply, ProtocolError):
+                log.warning("placement sent a malformed reply: %s", reply.detail)
+                self._metrics.count_malformed(reply)
                 continue
             if self._pending is None or reply.parent_id != self._pending[0]:
                 continue

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import zmq
-from pydantic import Field, TypeAdapter
-from remem_common.framing import decode, encode
+from remem_common.dealer import waiting_replies
+from remem_common.framing import encode
 from remem_common.protocol.envelope import (
     ErrorCode,
     ErrorReply,
@@ -27,7 +27,7 @@ from remem_common.protocol.pages import (
     bad_checksums,
     make_keys,
 )
-from remem_common.protocol.pageserver_peer import ReceiveSlabPagesReply, ReceiveSlabPagesRequest
+from remem_common.protocol.pageserver_peer import PEER_REPLY_ADAPTER, ReceiveSlabPagesRequest
 from remem_common.protocol.pageserver_placement import (
     PushSlabReply,
     PushSlabRequest,
@@ -41,11 +41,6 @@ from remem_pageserver.metrics import PageServerMetrics
 from remem_pageserver.store import PageStore
 
 log = logging.getLogger("pageserver")
-
-
-PEER_REPLY_ADAPTER: TypeAdapter[ReceiveSlabPagesReply | ErrorReply] = TypeAdapter(
-    Annotated[ReceiveSlabPagesReply | ErrorReply, Field(discriminator="type")]
-)
 
 
 # A slab push streams chunks of this many pages with this many chunks in flight: 1 MiB
@@ -226,16 +221,10 @@ class SlabPusher:
             self._finish_push(job, None, "")
 
     def _on_push_reply(self, job: PushJob) -> None:
-        while job.socket in self.jobs:
-            try:
-                frames = job.socket.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply, _ = decode(frames, PEER_REPLY_ADAPTER)
-            except ProtocolError as exc:
-                self.metrics.count_malformed(exc)
-                self._finish_push(job, ErrorCode.UNAVAILABLE, f"target answered badly: {exc}")
+        for reply in waiting_replies(job.socket, PEER_REPLY_ADAPTER):
+            if isinstance(reply, ProtocolError):
+                self.metrics.count_malformed(reply)
+                self._finish_push(job, ErrorCode.UNAVAILABLE, f"target answered badly: {reply}")
                 return
             if isinstance(reply, ErrorReply):
                 self._finish_push(
@@ -246,6 +235,8 @@ class SlabPusher:
                 continue
             job.last_progress = time.monotonic()
             self._push_more(job)
+            if job.socket not in self.jobs:
+                return  # the push is done and its socket closed
 
     def _finish_push(self, job: PushJob, code: ErrorCode | None, detail: str) -> None:
         self.jobs.pop(job.socket, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from remem_common.placement_client import PlacementError, PlacementTimeout
+from remem_common.placement_requests import PlacementRequestError, PlacementRequestTimeout
 
 from remem_placement.tools import ToolParser
 
@@ -64,6 +64,6 @@ def main(argv: list[str] | None = None) -> int:
                     err.write(f"\nremem drain: not done after {args.deadline}s\n")
                     return 1
                 time.sleep(POLL_SECONDS)  # polling interval of a progress display
-    except (PlacementError, PlacementTimeout) as exc:
+    except (PlacementRequestError, PlacementRequestTimeout) as exc:
         err.write(f"remem drain: {exc}\n")
         return 1

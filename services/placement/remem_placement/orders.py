@@ -11,10 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import zmq
-from pydantic import Field, TypeAdapter
 from remem_common.framing import decode, encode
 from remem_common.protocol.envelope import (
     MALFORMED_REASONS,
@@ -22,12 +21,13 @@ from remem_common.protocol.envelope import (
     ProtocolError,
 )
 from remem_common.protocol.pageserver_placement import (
-    DropSlabReply,
+    SLAB_ORDER_REPLY_ADAPTER,
     DropSlabRequest,
     ListInventoryReply,
     ListInventoryRequest,
     PushSlabReply,
     PushSlabRequest,
+    SlabOrderReply,
 )
 from remem_common.security import (
     KeyFileError,
@@ -39,12 +39,6 @@ from remem_placement.policy import Cluster
 from remem_placement.records import Drop, Push
 
 log = logging.getLogger("placement")
-
-
-LinkReply = Annotated[
-    ListInventoryReply | DropSlabReply | PushSlabReply | ErrorReply, Field(discriminator="type")
-]
-LINK_REPLY_ADAPTER: TypeAdapter[LinkReply] = TypeAdapter(LinkReply)
 
 
 # A page server that does not answer an inventory or drop in this long has its request
@@ -277,7 +271,7 @@ class PageServerOrders:
                 return
             self.metrics.bytes_in.inc(frames_bytes(frames))
             try:
-                reply, _ = decode(frames, LINK_REPLY_ADAPTER)
+                reply, _ = decode(frames, SLAB_ORDER_REPLY_ADAPTER)
             except ProtocolError as exc:
                 log.warning("server_id=%s sent a malformed reply: %s", link.server_id, exc.detail)
                 if exc.reason in MALFORMED_REASONS:
@@ -290,7 +284,7 @@ class PageServerOrders:
                 continue
             self._on_order_reply(pending, reply)
 
-    def _on_order_reply(self, pending: Pending, reply: LinkReply) -> None:
+    def _on_order_reply(self, pending: Pending, reply: SlabOrderReply) -> None:
         now = time.monotonic()
         if pending.kind == "push":
             push = self.cluster.pushes.get(pending.push_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from remem_common.placement_client import PlacementError, PlacementTimeout
+from remem_common.placement_requests import PlacementRequestError, PlacementRequestTimeout
 from remem_common.protocol.admin_placement import GetStatusReply
 
 from remem_placement.tools import ToolParser, human_bytes
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with parser.placement_client(args) as client:
             status = client.status()
-    except (PlacementError, PlacementTimeout) as exc:
+    except (PlacementRequestError, PlacementRequestTimeout) as exc:
         sys.stderr.write(f"remem status: {exc}\n")
         return 1
     if args.json:

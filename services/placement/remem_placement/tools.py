@@ -16,7 +16,7 @@ from remem_common.local_cluster import (
     LocalClusterError,
     read_cluster,
 )
-from remem_common.placement_client import PlacementClient
+from remem_common.placement_requests import BlockingPlacementClient
 from remem_common.security import KeyFileError, Security, load_public_key
 
 from remem_placement.config import DEFAULT_ENDPOINT, ENV_PREFIX
@@ -78,7 +78,7 @@ class ToolParser(argparse.ArgumentParser):
                 self.error(str(exc))
             return None
 
-    def placement_client(self, args: argparse.Namespace) -> PlacementClient:
+    def placement_client(self, args: argparse.Namespace) -> BlockingPlacementClient:
         """The client the flags describe (Curve when --curve-secret-key is given, or the
         cluster.json in --state-dir says so)."""
         cluster = None
@@ -100,7 +100,7 @@ class ToolParser(argparse.ArgumentParser):
         if args.placement is None:
             args.placement = DEFAULT_ENDPOINT
         if args.curve_secret_key is None:
-            return PlacementClient(args.placement, timeout=args.timeout)
+            return BlockingPlacementClient(args.placement, timeout=args.timeout)
         if args.placement_public_key is None:
             self.error("--curve-secret-key needs --placement-public-key")
         try:
@@ -108,7 +108,7 @@ class ToolParser(argparse.ArgumentParser):
             server_key = load_public_key(Path(args.placement_public_key))
         except KeyFileError as exc:
             self.error(str(exc))
-        return PlacementClient(
+        return BlockingPlacementClient(
             args.placement, timeout=args.timeout, security=security, server_key=server_key
         )
 

@@ -39,7 +39,11 @@ from pathlib import Path
 
 import pytest
 import zmq
-from remem_common.placement_client import PlacementClient, PlacementError, PlacementTimeout
+from remem_common.placement_requests import (
+    BlockingPlacementClient,
+    PlacementRequestError,
+    PlacementRequestTimeout,
+)
 from remem_common.security import Security, load_public_key
 from remem_common.testing import ServiceProcess, scrape_metrics, start_service
 
@@ -111,7 +115,7 @@ def wait_registered(endpoint: str, keys: Path, timeout: float = 60) -> None:
     security = Security.curve(keys / "admin.key_secret")
     deadline = time.monotonic() + timeout
     try:
-        with PlacementClient(
+        with BlockingPlacementClient(
             endpoint,
             context=context,
             timeout=1.0,
@@ -121,7 +125,7 @@ def wait_registered(endpoint: str, keys: Path, timeout: float = 60) -> None:
             while time.monotonic() < deadline:
                 try:
                     status = placement.status()
-                except (PlacementError, PlacementTimeout):
+                except (PlacementRequestError, PlacementRequestTimeout):
                     continue
                 live = [
                     s

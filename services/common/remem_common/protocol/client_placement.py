@@ -82,7 +82,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
-from remem_common.protocol.envelope import Reply, Request
+from remem_common.protocol.envelope import ErrorReply, Reply, Request
 from remem_common.protocol.pageserver_placement import CurveKey, Endpoint, ServerId
 
 MAX_REPLICAS = 8
@@ -183,3 +183,8 @@ ClientRequest = Annotated[
     AllocateSlabRequest | GetMapRequest | ReportFailureRequest, Field(discriminator="type")
 ]
 CLIENT_REQUEST_ADAPTER: TypeAdapter[ClientRequest] = TypeAdapter(ClientRequest)
+
+ClientReply = Annotated[
+    AllocateSlabReply | GetMapReply | ReportFailureReply | ErrorReply, Field(discriminator="type")
+]
+CLIENT_REPLY_ADAPTER: TypeAdapter[ClientReply] = TypeAdapter(ClientReply)

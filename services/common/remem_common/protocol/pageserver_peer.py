@@ -26,12 +26,12 @@ Errors: `error_reply` with `forbidden`, `malformed`, `bad_checksum` (nothing of 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from remem_common.protocol.client_pageserver import PageCount, SlabId, Tenant, VolumeId
-from remem_common.protocol.envelope import Reply, Request
+from remem_common.protocol.envelope import ErrorReply, Reply, Request
 from remem_common.protocol.pageserver_placement import ServerId
 
 
@@ -51,3 +51,7 @@ class ReceiveSlabPagesReply(Reply):
     type: Literal["receive_slab_pages_reply"] = "receive_slab_pages_reply"
     stored: int = Field(ge=0)
     skipped: int = Field(ge=0)
+
+
+PeerReply = Annotated[ReceiveSlabPagesReply | ErrorReply, Field(discriminator="type")]
+PEER_REPLY_ADAPTER: TypeAdapter[PeerReply] = TypeAdapter(PeerReply)

@@ -46,7 +46,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
-from remem_common.protocol.envelope import Reply, Request
+from remem_common.protocol.envelope import ErrorReply, Reply, Request
 
 ServerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 _TCP_ENDPOINT = re.compile(
@@ -165,7 +165,15 @@ SlabOrder = Annotated[
 ]
 SLAB_ORDER_ADAPTER: TypeAdapter[SlabOrder] = TypeAdapter(SlabOrder)
 
+SlabOrderReply = Annotated[
+    ListInventoryReply | DropSlabReply | PushSlabReply | ErrorReply, Field(discriminator="type")
+]
+SLAB_ORDER_REPLY_ADAPTER: TypeAdapter[SlabOrderReply] = TypeAdapter(SlabOrderReply)
+
 ControlRequest = Annotated[RegisterServerRequest | HeartbeatRequest, Field(discriminator="type")]
 CONTROL_REQUEST_ADAPTER: TypeAdapter[ControlRequest] = TypeAdapter(ControlRequest)
 
-ControlReply = Annotated[RegisterServerReply | HeartbeatReply, Field(discriminator="type")]
+ControlReply = Annotated[
+    RegisterServerReply | HeartbeatReply | ErrorReply, Field(discriminator="type")
+]
+CONTROL_REPLY_ADAPTER: TypeAdapter[ControlReply] = TypeAdapter(ControlReply)

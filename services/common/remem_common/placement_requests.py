@@ -1,8 +1,9 @@
-"""A blocking client of placement, for tools (`remem status`, `remem drain`) and tests.
+"""Blocking requests to placement, one at a time, for tools (`remem status`, `remem drain`,
+`remem up`, a page server's tools) and tests.
 
 Each call sends one request over a DEALER and waits for its reply with a timeout; an
-`error_reply` raises `PlacementError` with the error code. The NBD client's own async path
-can reuse the protocol models in `protocol.client_placement` directly.
+`error_reply` raises `PlacementRequestError` with the error code. The NBD client does not use
+this: its own asynchronous link to placement is `remem_client.placement_link.PlacementLink`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PLACEMENT_REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementRepl
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 
-class PlacementError(Exception):
+class PlacementRequestError(Exception):
     """Placement answered with an error reply."""
 
     def __init__(self, code: ErrorCode, detail: str) -> None:
@@ -51,11 +52,11 @@ class PlacementError(Exception):
         self.detail = detail
 
 
-class PlacementTimeout(Exception):
+class PlacementRequestTimeout(Exception):
     """No reply within the timeout."""
 
 
-class PlacementClient(BlockingDealer):
+class BlockingPlacementClient(BlockingDealer):
     """Blocking requests to placement over one DEALER socket."""
 
     default_timeout = 5.0
@@ -67,14 +68,14 @@ class PlacementClient(BlockingDealer):
         msg_id: Any = getattr(msg, "msg_id", None)
         while True:
             if not self.socket.poll(wait_ms):
-                raise PlacementTimeout(f"no reply from placement at {self.endpoint}")
+                raise PlacementRequestTimeout(f"no reply from placement at {self.endpoint}")
             reply, _ = decode(self.socket.recv_multipart(), PLACEMENT_REPLY_ADAPTER)
             if reply.parent_id != msg_id:
                 continue  # the answer to an earlier request that timed out
             if isinstance(reply, ErrorReply):
-                raise PlacementError(reply.error_code, reply.detail)
+                raise PlacementRequestError(reply.error_code, reply.detail)
             if not isinstance(reply, expect):
-                raise PlacementError(ErrorCode.MALFORMED, f"unexpected reply {reply.type}")
+                raise PlacementRequestError(ErrorCode.MALFORMED, f"unexpected reply {reply.type}")
             return reply
 
     def allocate(
