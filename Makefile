@@ -13,7 +13,7 @@ STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
         test-faults bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption \
-        bench-swap up clean deploy-check
+        bench-swap bench up clean deploy-check
 
 install: $(STAMP)
 
@@ -102,6 +102,19 @@ bench-encryption: deps install
 # same run, every byte verified (root: nbdfuse, a loop device, a memory cgroup).
 bench-swap: deps install
 	$(PY) -m tests.system.bench_swap
+
+# Every benchmark in one run (tests/bench): fio against nbdkit memory and remem up at k=1 and
+# k=2 (and k=2 without its mirror), the client's metadata, a page server SIGKILLed under fio
+# (failover stall, re-replication MB/s), page server RAM overhead, and as root the kernel
+# swapping a hog to nbdkit and to remem; writes BENCHMARKS.md and BENCHMARKS.png with each
+# target of issue 14 beside its row. ~11 min on 2 cores; BENCH_ARGS for options (--help).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: deps install $(BENCH_STAMP)
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 # What only the guest-kernel test needs (qemu is large, so not in DEB_PACKAGES): qemu, the
 # kernel's nbd-client, a static busybox and libc.a for the guest's initramfs.

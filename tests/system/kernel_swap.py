@@ -6,6 +6,11 @@ a memory-limited cgroup (v2 if it has the memory controller, else v1) writes a p
 depends on each page's index, reads it all back, and counts mismatches. Direct I/O on the
 loop device matters: without it the host page cache answers page-ins.
 
+The hog pages back in `sequential` (address) order or in a `random` permutation of its
+pages, timing each page's first touch (`quantiles_us`: what a thread waits on a page-in,
+including the touches the kernel's swap read-ahead already answered) and counting its
+major faults (the page-ins that waited for the device).
+
 Needs root, nbdfuse (libnbd-bin), losetup/mkswap/swapon (util-linux), numpy.
 """
 
@@ -19,37 +24,62 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+PageInOrder = Literal["sequential", "random"]
 
 HOG = r"""
-import json, sys, time
+import json, mmap, resource, sys, time
 import numpy as np
-mib = int(sys.argv[1]); seed = int(sys.argv[2])
+mib = int(sys.argv[1]); seed = int(sys.argv[2]); order = sys.argv[3]
 pages = mib * 256
 words = 512  # 8-byte words per 4 KiB page
+chunk = 4096  # pages written or verified per numpy step (16 MiB)
+quantiles = [float(q) for q in sys.argv[4].split(",")] if sys.argv[4:5] != [""] else []
+# An anonymous mapping is page-aligned: row i is exactly page i, so reading one word of a
+# row faults in that page alone.
+area = mmap.mmap(-1, pages * 4096)
+memory = np.frombuffer(area, dtype=np.uint64).reshape(pages, words)
+columns = np.arange(words, dtype=np.uint64)
+
+def expected(index):
+    mix = index.astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+    return mix ^ columns
+
 start = time.monotonic()
-chunks = []
-for base in range(0, pages, 4096):
-    n = min(4096, pages - base)
-    index = np.arange(base, base + n, dtype=np.uint64)[:, None]
-    mix = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
-    chunk = mix ^ np.arange(words, dtype=np.uint64)
-    chunks.append(chunk)
+for base in range(0, pages, chunk):
+    memory[base:base + chunk] = expected(np.arange(base, min(pages, base + chunk)))
 written = time.monotonic()
+if order == "random":
+    sequence = np.random.default_rng(seed).permutation(pages)
+else:
+    sequence = np.arange(pages)
+# Page-in: touch each page in `order`, timing the touch (a major fault waits for the swap
+# device; a page the kernel's swap read-ahead brought in is a plain memory read), then check
+# the chunk just touched while it is still resident.
+latency = []
+clock = time.perf_counter_ns
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 errors = 0
-for number, chunk in enumerate(chunks):
-    base = number * 4096
-    n = chunk.shape[0]
-    index = np.arange(base, base + n, dtype=np.uint64)[:, None]
-    mix = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
-    expect = mix ^ np.arange(words, dtype=np.uint64)
-    errors += int(np.count_nonzero((chunk != expect).any(axis=1)))
+for base in range(0, pages, chunk):
+    batch = sequence[base:base + chunk]
+    for page in batch.tolist():
+        began = clock()
+        memory[page, 0]
+        latency.append(clock() - began)
+    errors += int(np.count_nonzero((memory[batch] != expected(batch)).any(axis=1)))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
 done = time.monotonic()
+touches = np.array(latency, dtype=np.float64) / 1000
 print(json.dumps({"mib": mib, "write_s": round(written - start, 3),
                   "verify_s": round(done - written, 3), "total_s": round(done - start, 3),
-                  "errors": errors}))
+                  "errors": errors, "major_faults": faults,
+                  "touch_us_total": round(float(touches.sum()), 1),
+                  "quantiles_us": [round(float(v), 2) for v in
+                                   np.quantile(touches, quantiles)] if quantiles else []}))
 """
 
 
@@ -63,6 +93,10 @@ class SwapResult:
     swapped_out_mib: int
     swapped_in_mib: int
     detail: str
+    order: PageInOrder = "sequential"
+    major_faults: int = 0
+    # Each page's first touch during page-in, in microseconds, at `run_hog`'s `quantiles`.
+    quantiles_us: list[float] = field(default_factory=list)
 
 
 def available() -> str | None:
@@ -165,21 +199,31 @@ def swap_on_nbd(uri: str, workdir: Path) -> Iterator[str]:
 
 
 def run_hog(
-    uri: str, workdir: Path, *, hog_mib: int = 512, limit_mib: int = 128, timeout: float = 600
+    uri: str,
+    workdir: Path,
+    *,
+    hog_mib: int = 512,
+    limit_mib: int = 128,
+    timeout: float = 600,
+    order: PageInOrder = "sequential",
+    quantiles: Sequence[float] = (),
 ) -> SwapResult:
-    """Swap `hog_mib` MiB through `uri` with `limit_mib` of RAM; verify every page."""
+    """Swap `hog_mib` MiB through `uri` with `limit_mib` of RAM and page it back in `order`;
+    verify every page. `quantiles` (0..1) of the page-in touch times are returned."""
     with swap_on_nbd(uri, workdir), memory_cgroup(limit_mib << 20) as procs:
         out0, in0 = _vmstat("pswpout"), _vmstat("pswpin")
         hog = subprocess.run(
             [
                 "sh",
                 "-c",
-                'echo $$ > "$1" && exec "$2" -c "$3" "$4" 42',
+                'echo $$ > "$1" && exec "$2" -c "$3" "$4" 42 "$5" "$6"',
                 "sh",
                 str(procs),
                 sys.executable,
                 HOG,
                 str(hog_mib),
+                order,
+                ",".join(str(q) for q in quantiles),
             ],
             capture_output=True,
             text=True,
@@ -200,6 +244,7 @@ def run_hog(
             swapped_out,
             swapped_in,
             f"hog rc={hog.returncode}: {hog.stdout} {hog.stderr}",
+            order,
         )
     ok = hog.returncode == 0 and line["errors"] == 0 and swapped_out > 0
     return SwapResult(
@@ -211,4 +256,7 @@ def run_hog(
         swapped_out,
         swapped_in,
         hog.stderr[-2000:],
+        order,
+        line["major_faults"],
+        line["quantiles_us"],
     )

@@ -10,7 +10,9 @@ fills the tested region of both once (so reads copy real data and first-touch pa
 are out of the way), then runs each fio workload against both, alternating which server
 goes first in each round to cancel drift on a noisy machine, and reports the mean of the
 rounds: IOPS, MB/s, mean completion latency, server CPU per request, and remem/nbdkit.
-The last line is one JSON object with every figure.
+The last line is one JSON object with every figure. The pieces (`start_nbdkit`,
+`start_remem`, `running`, `fill`, `compare`) are also the plumbing of `make bench`
+(tests/bench), which runs more servers side by side.
 
 Workloads: 4 KiB random read and write at queue depth 1 and 32, 1 MiB sequential read and
 write at queue depth 8 (time-based, `--runtime` seconds each).
@@ -39,18 +41,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-WRITE_WORKLOADS: tuple[tuple[str, str, int], ...] = (
+Workload = tuple[str, str, int]  # fio rw, block size, queue depth
+
+WRITE_WORKLOADS: tuple[Workload, ...] = (
     ("randwrite", "4k", 1),
     ("randwrite", "4k", 32),
     ("write", "1m", 8),
 )
-WORKLOADS: tuple[tuple[str, str, int], ...] = (
+WORKLOADS: tuple[Workload, ...] = (
     ("randread", "4k", 1),
     ("randwrite", "4k", 1),
     ("randread", "4k", 32),
@@ -59,16 +63,30 @@ WORKLOADS: tuple[tuple[str, str, int], ...] = (
     ("write", "1m", 8),
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Reads in a mixed workload (fio's randrw/rw), percent: a swap device's page-ins dominate.
+MIX_READ_PERCENT = 70
 
 
 @dataclass
 class Result:
-    """Mean figures of one workload against one server."""
+    """Mean figures of one workload against one server (p50/p99 are means of the rounds'
+    percentiles, max the worst single request of any round)."""
 
     iops: float
     mbps: float
     clat_us: float
     cpu_us_per_op: float
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    max_us: float = 0.0
+
+
+def workload_name(workload: Workload) -> str:
+    """`randread 4k qd32`; a mixed workload also names its read share (`randrw70 4k qd8`)."""
+    rw, bs, depth = workload
+    if rw in ("randrw", "rw"):
+        rw += str(MIX_READ_PERCENT)
+    return f"{rw} {bs} qd{depth}"
 
 
 @dataclass
@@ -119,8 +137,15 @@ def start_nbdkit(directory: Path, size: str) -> Server:
 
 
 def start_remem(
-    directory: Path, size: str, extra: list[str], target: str, name: str = "remem"
+    directory: Path,
+    size: str,
+    extra: list[str],
+    target: str,
+    name: str = "remem",
+    up_args: Sequence[str] = (),
 ) -> Server:
+    """`remem client --backend memory` (target memory, with `extra`) or `remem up` (the
+    cluster targets, with `up_args`, e.g. `--replicas 1`) on DIRECTORY/NAME.sock."""
     path = directory / f"{name}.sock"
     if size[-1:] in ("K", "M", "G", "T"):
         size += "iB"  # nbdkit's 1G is 2**30 bytes; remem reads 1G as 10**9
@@ -136,6 +161,7 @@ def start_remem(
             args.append("--no-mirror")
         if target == "cluster-plaintext":
             args.append("--no-encrypt-pages")
+        args += up_args
         stream = "stdout"
     else:
         args = [
@@ -169,27 +195,19 @@ def _drain(stream: IO[str]) -> None:
 
 
 @contextmanager
-def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, Server]]:
+def running(starters: Sequence[Callable[[Path], Server]]) -> Iterator[list[Server]]:
+    """Start each server in one temporary folder; SIGTERM them all on the way out (SIGKILL
+    after 60 s), also when a later one fails to start."""
     with tempfile.TemporaryDirectory(prefix="remem-bench-") as tmp:
         started: list[Server] = []
         try:
-            if target == "mirror":
-                started.append(
-                    start_remem(Path(tmp), size, extra, "cluster-no-mirror", "no-mirror")
-                )
-                started.append(start_remem(Path(tmp), size, extra, "cluster"))
-            elif target == "encryption":
-                started.append(
-                    start_remem(Path(tmp), size, extra, "cluster-plaintext", "plaintext")
-                )
-                started.append(start_remem(Path(tmp), size, extra, "cluster"))
-            else:
-                started.append(start_nbdkit(Path(tmp), size))
-                started.append(start_remem(Path(tmp), size, extra, target))
-            yield started[0], started[1]
+            for start in starters:
+                started.append(start(Path(tmp)))
+            yield started
         finally:
             for server in started:
-                server.proc.send_signal(signal.SIGTERM)
+                if server.proc.poll() is None:
+                    server.proc.send_signal(signal.SIGTERM)
             for server in started:
                 try:
                     server.proc.wait(timeout=60)
@@ -198,29 +216,74 @@ def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, 
                     server.proc.wait()
 
 
+@contextmanager
+def servers(size: str, extra: list[str], target: str) -> Iterator[tuple[Server, Server]]:
+    starters: list[Callable[[Path], Server]]
+    if target == "mirror":
+        starters = [
+            lambda d: start_remem(d, size, extra, "cluster-no-mirror", "no-mirror"),
+            lambda d: start_remem(d, size, extra, "cluster"),
+        ]
+    elif target == "encryption":
+        starters = [
+            lambda d: start_remem(d, size, extra, "cluster-plaintext", "plaintext"),
+            lambda d: start_remem(d, size, extra, "cluster"),
+        ]
+    else:
+        starters = [
+            lambda d: start_nbdkit(d, size),
+            lambda d: start_remem(d, size, extra, target),
+        ]
+    with running(starters) as started:
+        yield started[0], started[1]
+
+
 def fio(uri: str, rw: str, bs: str, depth: int, region: str, runtime: float) -> dict[str, float]:
-    """Run one fio job; returns iops, bytes/s and mean completion latency (us)."""
+    """Run one fio job; returns iops, bytes/s, ops, and completion latency in us: mean,
+    p50, p99, max (reads and writes together: a mixed job reads MIX_READ_PERCENT%)."""
     args = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={depth}", f"--size={region}", "--time_based", f"--runtime={runtime}",
-        "--output-format=json", "--verify_state_save=0",
+        "--output-format=json", "--verify_state_save=0", "--unified_rw_reporting=mixed",
+        f"--rwmixread={MIX_READ_PERCENT}",
     ]  # fmt: skip
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
-    side = job["read"] if job["read"]["io_bytes"] else job["write"]
     if job["error"]:
         raise RuntimeError(f"fio reported error {job['error']} against {uri}")
+    side = job["mixed"]
+    clat = side["clat_ns"]
+    percentile = clat.get("percentile", {})
     return {
         "iops": side["iops"],
         "bw": side["bw_bytes"],
-        "clat_us": side["clat_ns"]["mean"] / 1000,
+        "clat_us": clat["mean"] / 1000,
+        "p50_us": percentile.get("50.000000", 0) / 1000,
+        "p99_us": percentile.get("99.000000", 0) / 1000,
+        "max_us": clat["max"] / 1000,
         "ops": side["total_ios"],
     }
 
 
-def measure(
-    server: Server, workload: tuple[str, str, int], region: str, runtime: float
-) -> dict[str, float]:
+def fill(server: Server, region: str) -> None:
+    """Write the region once: reads then copy real data, first-touch faults are done."""
+    fio(server.uri, "write", "1m", 8, region, 0)
+
+
+def compare(
+    started: Sequence[Server], workload: Workload, region: str, runtime: float, rounds: int
+) -> dict[str, Result]:
+    """Run `workload` `rounds` times against every server, rotating which goes first each
+    round (drift on a busy machine hits each alike); the mean Result per server name."""
+    samples: dict[str, list[dict[str, float]]] = {server.name: [] for server in started}
+    for round_number in range(rounds):
+        shift = round_number % len(started)
+        for server in [*started[shift:], *started[:shift]]:
+            samples[server.name].append(measure(server, workload, region, runtime))
+    return {name: mean_result(figures) for name, figures in samples.items()}
+
+
+def measure(server: Server, workload: Workload, region: str, runtime: float) -> dict[str, float]:
     before = server.cpu_seconds()
     figures = fio(server.uri, *workload, region, runtime)
     figures["cpu"] = server.cpu_seconds() - before
@@ -235,6 +298,9 @@ def mean_result(samples: list[dict[str, float]]) -> Result:
         mbps=sum(s["bw"] for s in samples) / n / 1e6,
         clat_us=sum(s["clat_us"] for s in samples) / n,
         cpu_us_per_op=sum(s["cpu"] for s in samples) / ops * 1e6 if ops else 0.0,
+        p50_us=sum(s["p50_us"] for s in samples) / n,
+        p99_us=sum(s["p99_us"] for s in samples) / n,
+        max_us=max(s["max_us"] for s in samples),
     )
 
 
@@ -312,19 +378,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cost['open']:>8.2f}{cost['crc32c']:>8.2f}"
             )
     with servers(args.size, extra, args.target) as (baseline, remem):
-        for server in (baseline, remem):  # fill the region: real data, pages already present
-            fio(server.uri, "write", "1m", 8, args.region, 0)
-        for rw, bs, depth in workloads:
-            samples: dict[str, list[dict[str, float]]] = {baseline.name: [], "remem": []}
-            for round_number in range(args.rounds):
-                order = (baseline, remem) if round_number % 2 == 0 else (remem, baseline)
-                for server in order:
-                    figures = measure(server, (rw, bs, depth), args.region, args.runtime)
-                    samples[server.name].append(figures)
-            base, ours = mean_result(samples[baseline.name]), mean_result(samples["remem"])
+        for server in (baseline, remem):
+            fill(server, args.region)
+        for workload in workloads:
+            means = compare((baseline, remem), workload, args.region, args.runtime, args.rounds)
+            base, ours = means[baseline.name], means[remem.name]
             results.append(
                 {
-                    "workload": f"{rw} {bs} qd{depth}",
+                    "workload": workload_name(workload),
                     "baseline": asdict(base),
                     "remem": asdict(ours),
                     "ratio": ours.iops / base.iops if base.iops else 0.0,

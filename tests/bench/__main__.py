@@ -1,0 +1,7 @@
+"""`python -m tests.bench`: see suite.py."""
+
+import sys
+
+from .suite import main
+
+sys.exit(main())
