@@ -137,7 +137,9 @@ def test_sends_before_the_router_exists_are_delivered_once_it_binds(tmp_path: Pa
         got: asyncio.Queue[list[bytes]] = asyncio.Queue()
         dealer = ZmtpDealer(endpoint, lambda f: got.put_nowait([bytes(x) for x in f]))
         dealer.send([b"", b"early"])
-        await asyncio.sleep(0.3)  # the router is not there yet: the dealer keeps retrying
+        # The router is not there yet: the dealer keeps retrying, and holds the message.
+        while dealer.refused_attempts < 3:
+            await asyncio.sleep(0.01)  # polling the dealer's own state
         assert not dealer.connected
         echo = EchoRouter(endpoint)
         try:

@@ -245,6 +245,9 @@ class ZmtpDealer:
         self._transport: asyncio.Transport | None = None  # set once the handshake is done
         self._paused = False  # the transport's buffer is above its high-water mark
         self._closed = False
+        # Connection attempts refused so far (no listener yet, or it went away): what a test
+        # waits on to know the dealer kept retrying, instead of sleeping for it.
+        self.refused_attempts = 0
         self._task = self._loop.create_task(self._run())
 
     @property
@@ -284,6 +287,7 @@ class ZmtpDealer:
                     )
             except OSError as exc:
                 log.debug("cannot connect to %s: %s", self.endpoint, exc)
+                self.refused_attempts += 1
                 await asyncio.sleep(self._interval)  # reconnect interval, as libzmq's
                 continue
             try:
