@@ -71,15 +71,15 @@ def backend_over(
 
 @pytest.fixture
 async def cluster(
-    start_pageserver: StartPageServer, tmp_path: Path
+    start_pageserver: StartPageServer,
+    tmp_path: Path,
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
 ) -> AsyncIterator[tuple[RemoteBackend, FixedPlacement, list[ServiceProcess]]]:
     servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(3)]
     placement = FixedPlacement(servers, replicas=2)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    backend = backend_over(placement, context, tmp_path)
+    backend = backend_over(placement, zmq_context, tmp_path)
     yield backend, placement, servers
-    await backend.close()
-    context.destroy(linger=0)
+    await backend.close()  # closes every socket it made: zmq_context fails the test otherwise
 
 
 def random_bytes(length: int, seed: int) -> bytes:
@@ -312,7 +312,9 @@ async def test_a_read_never_sees_older_data_than_a_write_acknowledged_before_it(
 
 @pytest.fixture
 async def mirrored(
-    start_pageserver: StartPageServer, tmp_path: Path
+    start_pageserver: StartPageServer,
+    tmp_path: Path,
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
 ) -> AsyncIterator[tuple[RemoteBackend, MirrorLink]]:
     """A backend over two page servers and a real `remem mirror` process (new: incomplete)."""
     servers = [start_pageserver(name=f"ps{i}", capacity="256MiB") for i in range(2)]
@@ -321,13 +323,13 @@ async def mirrored(
         ["mirror", "--listen", "tcp://127.0.0.1:0", "--metrics-port", "0", "--insecure",
          "--path", str(tmp_path / "mirror.img"), "--size", str(SIZE)],
     )  # fmt: skip
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link = MirrorLink(mirror.ready["endpoint"], context=context, cache_bytes=4 << 20, timeout=10)
-    backend = backend_over(FixedPlacement(servers, replicas=2), context, tmp_path, link)
+    link = MirrorLink(
+        mirror.ready["endpoint"], context=zmq_context, cache_bytes=4 << 20, timeout=10
+    )
+    backend = backend_over(FixedPlacement(servers, replicas=2), zmq_context, tmp_path, link)
     assert not (await link.attach()).complete
     yield backend, link
-    await backend.close()
-    context.destroy(linger=0)
+    await backend.close()  # closes every socket it made: zmq_context fails the test otherwise
     assert mirror.stop() == 0
 
 
