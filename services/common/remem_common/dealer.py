@@ -12,7 +12,7 @@ import zmq
 from pydantic import BaseModel, TypeAdapter
 
 from remem_common.framing import decode, encode
-from remem_common.protocol.envelope import ErrorReply, ProtocolError
+from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
 from remem_common.security import Security
 
 
@@ -63,6 +63,16 @@ class BlockingDealer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RefusedRequest(Exception):
+    """The server answered with an error reply: its code and detail. Each blocking client
+    raises its own subclass, so a caller can tell which server refused."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
 
 
 class RequestDealer(BlockingDealer):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, Field, TypeAdapter
 
-from remem_common.dealer import RequestDealer
+from remem_common.dealer import RefusedRequest, RequestDealer
 from remem_common.protocol.client_pageserver import (
     DeletePagesReply,
     DeletePagesRequest,
@@ -21,7 +21,7 @@ from remem_common.protocol.client_pageserver import (
     PutPagesReply,
     PutPagesRequest,
 )
-from remem_common.protocol.envelope import ErrorCode, ErrorReply
+from remem_common.protocol.envelope import ErrorReply
 from remem_common.protocol.pages import (
     SEAL_BYTES,
     KeyArray,
@@ -54,13 +54,8 @@ AnyReply = Annotated[
 REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
 
 
-class PageServerError(Exception):
+class PageServerError(RefusedRequest):
     """The page server answered with an error reply."""
-
-    def __init__(self, code: ErrorCode, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 class PageServerTimeout(Exception):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from remem_common.dealer import BlockingDealer
+from remem_common.dealer import BlockingDealer, RefusedRequest
 from remem_common.framing import decode, encode
 from remem_common.protocol.admin_placement import (
     DrainServerReply,
@@ -43,13 +43,8 @@ PLACEMENT_REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementRepl
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 
-class PlacementRequestError(Exception):
+class PlacementRequestError(RefusedRequest):
     """Placement answered with an error reply."""
-
-    def __init__(self, code: ErrorCode, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 class PlacementRequestTimeout(Exception):
