@@ -183,8 +183,8 @@ def test_half_written_records_are_discarded_on_open(arena: Path) -> None:
     store = PageStore(arena, 8)
     put(store, "t", [0], [0], random_pages(1))
     # A kill during allocation can leave a used record naming an unknown tenant.
-    store._slots["state"][5] = SLOT_USED
-    store._slots["tenant"][5] = 7
+    store._arena.slots["state"][5] = SLOT_USED
+    store._arena.slots["tenant"][5] = 7
     store.close()
     reopened = PageStore(arena, 8)
     assert reopened.used_pages == 1

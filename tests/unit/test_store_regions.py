@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, checksum_pages, make_keys
-from remem_pageserver import store as store_module
+from remem_pageserver import arena as arena_module
 from remem_pageserver.store import (
     REGION_PAGES,
     SLOT_DTYPE,
@@ -65,11 +65,12 @@ def fill(store: PageStore, slab: int, count: int, seed: int = 0, tenant: str = "
 def check_regions(store: PageStore, path: Path) -> None:
     """A region is committed exactly while it holds a page, and the file holds exactly the
     header and the committed regions."""
-    held = store._region_slots - store._region_free
-    assert np.array_equal(store._committed, held > 0)
+    regions = store._regions
+    held = regions._region_slots - regions._region_free
+    assert np.array_equal(regions._committed, held > 0)
     expected = HEADER_BYTES
-    for region in np.flatnonzero(store._committed).tolist():
-        records_start, records_end, data_start, data_end = store._span(region, region + 1)
+    for region in np.flatnonzero(regions._committed).tolist():
+        records_start, records_end, data_start, data_end = store._arena.span(region, region + 1)
         expected += records_end - records_start + data_end - data_start
     assert allocated(path) == expected == store.committed_bytes
     assert store.used_pages == int(held.sum())
@@ -213,14 +214,15 @@ def test_a_failed_commit_of_a_later_slab_undoes_the_whole_batch(arena: Path) -> 
         if allocate.calls >= 4:  # from the data of the second new region on
             allocate.fail = True
 
-    store._allocate = fail_on_second_region
+    store._arena._allocate = fail_on_second_region
     # Slab 7 fills its new region whole, so slab 8 finds no slot to borrow either.
     pages_idx = [*range(REGION_PAGES), 0, 1, 2]
     with pytest.raises(NoSpaceError):
         put(store, "t", [7] * REGION_PAGES + [8] * 3, pages_idx, random_pages(REGION_PAGES + 3))
     assert store.used_pages == 0 and store.inventory() == []
     assert allocated(arena) == HEADER_BYTES
-    assert not store._slab_regions and not store._region_owner and not store._orphans
+    regions = store._regions
+    assert not regions._slab_regions and not regions._region_owner and not regions._orphans
     check_regions(store, arena)
     store.close()
 
@@ -236,10 +238,10 @@ def test_slots_borrowed_from_a_dropped_slab_keep_its_region(arena: Path) -> None
     put(store, "t", [1] * 20, list(range(20)), borrowed)
     allocate.fail = False
     store.drop_slab("t", 0, 0)
-    assert store.committed_regions == 1 and store._orphans == {0}
+    assert store.committed_regions == 1 and store._regions._orphans == {0}
     assert np.array_equal(store.get("t", 0, make_keys([1] * 20, list(range(20)))).data, borrowed)
     put(store, "t", [2] * 10, list(range(10)), random_pages(10, 2))  # adopts the orphan
-    assert store.committed_regions == 1 and store._slab_regions == {(0, 0, 2): [0]}
+    assert store.committed_regions == 1 and store._regions._slab_regions == {(0, 0, 2): [0]}
     store.drop_slab("t", 0, 1)
     store.drop_slab("t", 0, 2)
     assert allocated(arena) == HEADER_BYTES
@@ -247,14 +249,14 @@ def test_slots_borrowed_from_a_dropped_slab_keep_its_region(arena: Path) -> None
     store.close()
 
 
-@pytest.mark.parametrize("rebuild_chunk", [store_module.REBUILD_CHUNK, 2 * REGION_PAGES])
+@pytest.mark.parametrize("rebuild_chunk", [arena_module.REBUILD_CHUNK, 2 * REGION_PAGES])
 def test_regions_follow_a_random_workload_and_restarts(
     arena: Path, rebuild_chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Puts, trims and drops over many slabs, the host sometimes full, with restarts (their
     rebuild also in small chunks): the store answers as a dict would, and commits exactly
     the regions that hold pages."""
-    monkeypatch.setattr(store_module, "REBUILD_CHUNK", rebuild_chunk)
+    monkeypatch.setattr(arena_module, "REBUILD_CHUNK", rebuild_chunk)
     capacity = 6 * REGION_PAGES + 37  # a short last region too
     allocate = FailingAllocate()
     store = PageStore(arena, capacity, allocate=allocate)
