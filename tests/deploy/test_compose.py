@@ -26,7 +26,7 @@ from compose_spec import PyCompose
 from remem_common.security import read_identity
 from remem_pageserver.store import arena_layout
 
-from .test_images import dockerfile, env_of, parse_dockerfile, run_print_config
+from .test_images import env_of, parse_dockerfile, run_print_config, service_image
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -105,7 +105,7 @@ def remem_services(compose: dict[str, Any]) -> dict[str, tuple[str, dict[str, An
 
 def effective_config(kind: str, service: dict[str, Any]) -> dict[str, Any]:
     """The service's --print-config with its image's environment and compose's on top."""
-    image_env = env_of(parse_dockerfile(dockerfile(kind))[-1])
+    image_env = env_of(service_image(kind))
     env = {k: v for k, v in image_env.items() if k.startswith("REMEM_")}
     env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
     return run_print_config(kind, [], env)
@@ -200,6 +200,22 @@ def test_every_reference_resolves(compose: dict[str, Any]) -> None:
                 assert path.is_file() or path.is_dir(), f"{name}: {source} does not exist"
             else:
                 assert source in volumes, f"{name}: volume {source} is not declared"
+
+
+def test_every_image_is_built_from_a_dockerfile_that_exists(compose: dict[str, Any]) -> None:
+    """Each localhost/remem-<service> image is services/Dockerfile's stage of that service
+    (its target): an image named for one service never runs another's stage."""
+    for name, service in services(compose).items():
+        build = service.get("build")
+        if build is None:
+            continue
+        context = (DEPLOY / build["context"]).resolve()
+        assert context == REPO, f"{name}: the build context is the repository root"
+        assert (context / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']}"
+        kind = kind_of(service)
+        if kind is not None:
+            assert build["dockerfile"] == "services/Dockerfile", name
+            assert build.get("target") == kind, f"{name}: builds stage {build.get('target')}"
 
 
 # -- remem's wiring ------------------------------------------------------------------------

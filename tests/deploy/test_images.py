@@ -1,11 +1,12 @@
 """The container images' Dockerfiles: hadolint-clean, and each keeps the images' contract.
 
-The contract (services/*/Dockerfile): one identical build stage that installs remem with pip
-from the repository (no extras), a python:3.11-slim final stage running as a numeric
-non-root user, `ENTRYPOINT ["remem", "<service>"]` and no CMD (configuration comes from the
-environment only), REMEM_<SERVICE>_* defaults that the service itself accepts, and a
-HEALTHCHECK running deploy/docker/healthcheck.py, which is exercised here against real
-service processes. Building and running the images is `make compose-test`.
+The contract (services/Dockerfile, one stage per service image, built with `--target
+<service>`): one build stage that installs remem with pip from the repository (no extras), a
+runtime stage on python:3.11-slim that every service stage starts from, and per service an
+image running as a numeric non-root user, `ENTRYPOINT ["remem", "<service>"]` and no CMD
+(configuration comes from the environment only), REMEM_<SERVICE>_* defaults that the service
+itself accepts, and a HEALTHCHECK running deploy/docker/healthcheck.py, which is exercised
+here against real service processes. Building and running the images is `make compose-test`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from remem_common.testing import ServiceProcess, start_service
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("pageserver", "placement", "client", "mirror")
 HEALTHCHECK = REPO / "deploy" / "docker" / "healthcheck.py"
+SERVICES_DOCKERFILE = REPO / "services" / "Dockerfile"
 OTHER_DOCKERFILES = (REPO / "deploy" / "prometheus" / "Dockerfile",)
 BASE_IMAGE = "python:3.11-slim"
 
@@ -36,6 +38,17 @@ class Stage:
 
     source: str
     instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str | None:
+        """The stage's name (`FROM image AS name`), None for an unnamed stage."""
+        words = self.source.split()
+        return words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+
+    @property
+    def base(self) -> str:
+        """What the stage starts from: an image, or an earlier stage's name."""
+        return self.source.split()[0]
 
     def all(self, keyword: str) -> list[str]:
         return [args for kw, args in self.instructions if kw == keyword]
@@ -83,8 +96,25 @@ def env_of(stage: Stage) -> dict[str, str]:
     return env
 
 
-def dockerfile(service: str) -> Path:
-    return REPO / "services" / service / "Dockerfile"
+def stage_chain(stages: list[Stage], target: str) -> list[Stage]:
+    """The stages `--target target` builds on, from the one on an image to `target` itself."""
+    by_name = {stage.name: stage for stage in stages if stage.name}
+    assert target in by_name, f"no stage {target!r}"
+    chain = [by_name[target]]
+    while chain[0].base in by_name:
+        chain.insert(0, by_name[chain[0].base])
+        assert len(chain) <= len(stages), f"{target}: its stages start from each other"
+    return chain
+
+
+def service_image(service: str) -> Stage:
+    """What `docker build -f services/Dockerfile --target <service>` makes, as one stage: the
+    image it starts from and the instructions of every stage on the way, in order."""
+    chain = stage_chain(parse_dockerfile(SERVICES_DOCKERFILE), service)
+    return Stage(
+        source=chain[0].base,
+        instructions=[instruction for stage in chain for instruction in stage.instructions],
+    )
 
 
 def free_port() -> int:
@@ -106,11 +136,12 @@ def hadolint() -> str:
 
 
 def all_dockerfiles() -> list[Path]:
-    return [dockerfile(service) for service in SERVICES] + list(OTHER_DOCKERFILES)
+    return [SERVICES_DOCKERFILE, *OTHER_DOCKERFILES]
 
 
 def test_every_dockerfile_is_found() -> None:
-    on_disk = set(REPO.glob("services/*/Dockerfile")) | set(REPO.glob("deploy/**/Dockerfile"))
+    # One Dockerfile for the four service images: none of its own in a service's folder.
+    on_disk = set(REPO.glob("services/**/Dockerfile")) | set(REPO.glob("deploy/**/Dockerfile"))
     assert on_disk == set(all_dockerfiles())
 
 
@@ -131,13 +162,22 @@ def test_hadolint_reports_nothing(path: Path) -> None:
 
 
 def test_build_stage_is_shared() -> None:
-    """Byte-identical build stages: built once, taken from the cache by the other three."""
-    stages = {service: parse_dockerfile(dockerfile(service))[0] for service in SERVICES}
-    first = stages[SERVICES[0]]
-    assert first.source == f"{BASE_IMAGE} AS build"
-    for service, stage in stages.items():
-        assert stage == first, f"{service}'s build stage differs from {SERVICES[0]}'s"
-    runs = first.all("RUN")
+    """One build stage and one runtime stage under every service image: built once, taken
+    from the cache by the other three; a service's stage adds only what is its own."""
+    stages = parse_dockerfile(SERVICES_DOCKERFILE)
+    assert [stage.name for stage in stages] == ["build", "runtime", *SERVICES]
+    build, runtime = stages[0], stages[1]
+    assert build.source == f"{BASE_IMAGE} AS build"
+    assert runtime.source == f"{BASE_IMAGE} AS runtime"
+    for service in SERVICES:
+        chain = stage_chain(stages, service)
+        assert [stage.name for stage in chain] == ["runtime", service], service
+        # remem and the healthcheck come from the runtime stage alone.
+        assert not chain[-1].all("COPY"), f"{service}'s stage copies files of its own"
+    # Only the build stage installs anything with pip.
+    for stage in stages[1:]:
+        assert not any("pip" in run for run in stage.all("RUN")), stage.name
+    runs = build.all("RUN")
     # The dependencies are [project.dependencies] of pyproject.toml (no extras: the dev
     # tools stay out of the image), then remem itself from the repository, without them.
     assert '["project"]["dependencies"]' in runs[0]
@@ -147,11 +187,15 @@ def test_build_stage_is_shared() -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_service_image_contract(service: str) -> None:
-    final = parse_dockerfile(dockerfile(service))[-1]
+    final = service_image(service)
     assert final.source == BASE_IMAGE
     user = final.one("USER")
     uid, _, gid = user.partition(":")
     assert uid.isdigit() and int(uid) != 0 and (not gid or gid.isdigit()), user
+    # The user the runtime stage makes and gives the folders that volumes are mounted on.
+    setup = " ".join(final.all("RUN"))
+    assert f"useradd --uid {uid} " in setup, setup
+    assert f"install -d -o {uid} -g {gid or uid} " in setup, setup
     assert json.loads(final.one("ENTRYPOINT")) == ["remem", service]
     assert not final.all("CMD"), "configuration is by environment only: no CMD"
     check = final.one("HEALTHCHECK")
@@ -189,7 +233,7 @@ def run_print_config(service: str, args: list[str], env: dict[str, str]) -> dict
 def test_image_environment_is_valid_service_config(service: str) -> None:
     """Every REMEM_* default the image sets names a real setting, and the service accepts
     its value (the image's exposed ports are the ones it then binds)."""
-    final = parse_dockerfile(dockerfile(service))[-1]
+    final = service_image(service)
     prefix = f"REMEM_{service.upper()}_"
     image_env = {k: v for k, v in env_of(final).items() if k.startswith("REMEM_")}
     assert image_env
