@@ -6,6 +6,7 @@ Its sockets' fuzzers are in test_zmq_fuzz.py with every other service's.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import zmq
 from remem_common.framing import encode
 from remem_common.pageserver_client import PageServerClient, PageServerError
-from remem_common.protocol.client_pageserver import PutPagesRequest
+from remem_common.protocol.client_pageserver import GetPagesRequest, PutPagesRequest
 from remem_common.protocol.envelope import ErrorCode
 from remem_common.protocol.pages import (
     PAGE_SIZE,
@@ -258,6 +259,42 @@ def test_sigterm_finishes_queued_requests_and_exits_0(
     assert server.proc.wait(timeout=15) == 0
     assert len(answered) == 50
     assert all(b'"status":"ok"' in reply for reply in answered)
+
+
+def test_over_ipc_zmtp_peers_are_served_and_a_broken_one_is_counted(
+    start_pageserver: StartPageServer, zmq_context: zmq.Context, tmp_path: Path
+) -> None:
+    """Plaintext, the page server serves its ROUTER from its own loop (zmtp_router): a libzmq
+    REQ and DEALER are served as by libzmq's ROUTER; a peer that breaks ZMTP is closed and
+    counted; the socket file goes away with the server."""
+    path = tmp_path / "ps.sock"
+    server = start_pageserver(extra=["--listen", f"ipc://{path}"])
+    assert server.ready["endpoint"] == f"ipc://{path}"
+    broken = socket.socket(socket.AF_UNIX)
+    broken.settimeout(10)
+    broken.connect(str(path))
+    broken.sendall(b"GET /metrics HTTP/1.1\r\n\r\n" + bytes(64))
+    while broken.recv(4096):
+        pass  # until the server closes the connection
+    broken.close()
+    req = zmq_context.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(server.ready["endpoint"])
+    _, header, keys = encode(
+        GetPagesRequest(msg_id=7, tenant="t", volume=0, count=1), make_keys([0], [0])
+    )
+    req.send_multipart([header, keys])  # a REQ puts the empty delimiter first itself
+    assert req.poll(10000)
+    reply = req.recv_multipart()
+    req.close(linger=0)
+    assert b'"parent_id":7' in reply[0] and b'"status":"ok"' in reply[0]
+    with client_of(server) as client:
+        data = pages_of(8, 3)
+        assert client.put("t", 0, make_keys([0] * 8, range(8)), data) == 8
+        assert np.array_equal(client.get("t", 0, make_keys([0] * 8, range(8)))[2], data)
+    assert scrape(server)['pageserver_malformed_messages_total{reason="bad_frames"}'] == 1
+    server.stop()
+    assert not path.exists()
 
 
 def test_startup_errors_exit_2_with_one_line(shm_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """ZMTP 3.0, ZeroMQ's wire protocol, spoken from an asyncio loop: a DEALER without libzmq.
 
-The client's plaintext links use it (`dealer.open_dealer` chooses it); it lives in the
-client's package because nothing else speaks it: the services bind libzmq ROUTERs.
+The client's plaintext links use it (`dealer.open_dealer` chooses it). The codec (greeting,
+commands, framing) is `remem_common.zmtp`, shared with the page server's in-loop ROUTER.
 
 Why: libzmq moves every message through an I/O thread on each side, so one request and its
 reply wake four threads besides the two that do the work. On the 2-vCPU VMs remem is
@@ -29,172 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
 
-import numpy as np
+from remem_common.zmtp import GREETING, FrameReader, ZmtpError, ready_command, zmtp_buffers
 
 log = logging.getLogger("zmtp")
-
-GREETING = (
-    b"\xff" + bytes(8) + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
-)
-GREETING_BYTES = 64
-_MORE, _LONG, _COMMAND = 1, 2, 4
-_SIZE8 = struct.Struct(">Q")
-_PROPERTY_SIZE = struct.Struct(">I")
-# Frames above this are a protocol violation: the largest remem message is a 1024-page GET
-# reply (4 MiB of data).
-MAX_FRAME = 64 << 20
-# Fresh receive buffers are this large, or larger for a bigger frame.
-RX_CHUNK = 256 << 10
-_SHORT_HEADERS = [bytes([flags, size]) for flags in (0, _MORE) for size in range(256)]
-
-
-class ZmtpError(Exception):
-    """The peer broke ZMTP (bad greeting, handshake or frame); the connection is dropped."""
-
-
-def ready_command(socket_type: bytes) -> bytes:
-    """A READY command frame naming our socket type."""
-    body = b"\x05READY" + b"\x0bSocket-Type" + _PROPERTY_SIZE.pack(len(socket_type)) + socket_type
-    return bytes([_COMMAND, len(body)]) + body
-
-
-def check_greeting(greeting: memoryview) -> None:
-    """Raise ZmtpError unless `greeting` is a ZMTP 3.x greeting of the NULL mechanism."""
-    if greeting[0] != 0xFF or greeting[9] & 1 != 1:
-        raise ZmtpError("not a ZMTP 3 greeting (bad signature)")
-    if greeting[10] < 3:
-        raise ZmtpError(f"ZMTP version {greeting[10]}.{greeting[11]}, 3 or later needed")
-    mechanism = bytes(greeting[12:32]).rstrip(b"\0")
-    if mechanism != b"NULL":
-        raise ZmtpError(f"security mechanism {mechanism!r}; only NULL is spoken here")
-
-
-def parse_command(body: memoryview) -> tuple[bytes, dict[bytes, bytes]]:
-    """(name, properties) of a command frame; properties only for READY."""
-    if not body.nbytes or body[0] + 1 > body.nbytes:
-        raise ZmtpError("truncated command")
-    name = bytes(body[1 : 1 + body[0]])
-    properties: dict[bytes, bytes] = {}
-    if name != b"READY":
-        return name, properties
-    at = 1 + body[0]
-    while at < body.nbytes:
-        key_size = body[at]
-        if at + 1 + key_size + 4 > body.nbytes:
-            raise ZmtpError("truncated READY property")
-        key = bytes(body[at + 1 : at + 1 + key_size]).lower()
-        at += 1 + key_size
-        (value_size,) = _PROPERTY_SIZE.unpack_from(body, at)
-        at += 4
-        if at + value_size > body.nbytes:
-            raise ZmtpError("truncated READY property value")
-        properties[key] = bytes(body[at : at + value_size])
-        at += value_size
-    return name, properties
-
-
-def zmtp_buffers(frames: Sequence[Any]) -> list[Any]:
-    """Header and body buffers of one message, for `writelines` (bodies are not copied)."""
-    out: list[Any] = []
-    last = len(frames) - 1
-    for index, frame in enumerate(frames):
-        if isinstance(frame, bytes):
-            body: Any = frame
-        else:
-            view = memoryview(frame)
-            # A strided view (never made on the hot path) is sent as a contiguous copy.
-            body = (view if view.c_contiguous else memoryview(bytes(view))).cast("B")
-        size = len(body)
-        more = _MORE if index < last else 0
-        if size < 256:
-            out.append(_SHORT_HEADERS[256 * more + size])
-        else:
-            out.append(bytes([more | _LONG]) + _SIZE8.pack(size))
-        if size:
-            out.append(body)
-    return out
-
-
-class FrameReader:
-    """Incremental ZMTP parser over buffers it hands to the socket to fill.
-
-    Use: `buffer()` for the next read, `advance(n)` once n bytes landed there; `advance`
-    returns the messages completed (lists of memoryviews). Commands go to `on_command`.
-    """
-
-    def __init__(self, on_command: Callable[[bytes, dict[bytes, bytes]], None]) -> None:
-        self._on_command = on_command
-        self._buf = np.empty(RX_CHUNK, dtype=np.uint8)  # uninitialised: no memset
-        self._view: memoryview = self._buf.data
-        self._start = 0  # first byte not yet parsed
-        self._end = 0  # first byte not yet filled
-        self._greeted = False
-        self._frames: list[memoryview] = []
-
-    def buffer(self) -> memoryview:
-        if self._end == len(self._view):
-            self._renew(RX_CHUNK)
-        return self._view[self._end :]
-
-    def _renew(self, need: int) -> None:
-        """Move the unparsed tail to a fresh buffer of at least `need` bytes; the old one
-        stays whole for the frames that point into it."""
-        tail = self._view[self._start : self._end]
-        buf = np.empty(max(RX_CHUNK, need), dtype=np.uint8)
-        view: memoryview = buf.data
-        view[: tail.nbytes] = tail
-        self._buf, self._view = buf, view
-        self._start, self._end = 0, tail.nbytes
-
-    def advance(self, nbytes: int) -> list[list[memoryview]]:
-        self._end += nbytes
-        messages: list[list[memoryview]] = []
-        view = self._view
-        while True:
-            start, end = self._start, self._end
-            if not self._greeted:
-                if end - start < GREETING_BYTES:
-                    return messages
-                check_greeting(view[start : start + GREETING_BYTES])
-                self._greeted = True
-                self._start = start + GREETING_BYTES
-                continue
-            if end - start < 2:
-                break
-            flags = view[start]
-            if flags & ~(_MORE | _LONG | _COMMAND):
-                raise ZmtpError(f"frame flags {flags:#x} has reserved bits set")
-            if flags & _LONG:
-                if end - start < 9:
-                    break
-                (size,) = _SIZE8.unpack_from(view, start + 1)
-                body_at = start + 9
-            else:
-                size = view[start + 1]
-                body_at = start + 2
-            if size > MAX_FRAME:
-                raise ZmtpError(f"frame of {size} bytes, {MAX_FRAME} at most")
-            if end - body_at < size:
-                if body_at + size > len(view):
-                    # The frame does not fit in what is left of this buffer: a fresh one
-                    # sized for it takes the read, so even a 4 MiB frame is never copied.
-                    self._renew(body_at - start + size)
-                break
-            body = view[body_at : body_at + size]
-            self._start = body_at + size
-            if flags & _COMMAND:
-                self._on_command(*parse_command(body))
-                continue
-            self._frames.append(body)
-            if not flags & _MORE:
-                messages.append(self._frames)
-                self._frames = []
-        return messages
 
 
 class DealerBusy(Exception):
@@ -211,7 +52,12 @@ class ZmtpDealer:
     to `hwm` messages before the handshake or while the socket's buffer is above its
     high-water mark (a peer not reading), as a libzmq DEALER does; past that it raises
     DealerBusy. Every complete message received goes to `on_message`. Messages written to a
-    connection that is then lost are lost: the caller's timeouts handle them, as with libzmq.
+    connection that is then lost are lost: `on_disconnect` is told as soon as the loss is
+    seen (then the queue is dropped too: it went out with the connection, as far as the
+    caller knows), else the caller's timeouts handle them, as with libzmq. After a loss and
+    until the next handshake, `send` queues for the next connection, or raises DealerBusy
+    with `refuse_while_reconnecting` (so a caller fails over at once instead of waiting for
+    a server that may never come back).
 
     Frames are sent without a copy: the buffers passed to `send` must not change until the
     message is written, which may be after `send` returns (queued, or a paused socket).
@@ -225,6 +71,8 @@ class ZmtpDealer:
         hwm: int = 256,
         reconnect_interval: float = 0.1,
         on_violation: Callable[[ZmtpError], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        refuse_while_reconnecting: bool = False,
     ) -> None:
         if endpoint.startswith("ipc://"):
             self._path: str | None = endpoint[len("ipc://") :]
@@ -238,6 +86,9 @@ class ZmtpDealer:
         self.endpoint = endpoint
         self._on_message = on_message
         self._on_violation = on_violation
+        self._on_disconnect = on_disconnect
+        self._refuse_while_reconnecting = refuse_while_reconnecting
+        self._reconnecting = False  # refusing sends: lost, and no handshake done since
         self._hwm = hwm
         self._interval = reconnect_interval
         self._loop = asyncio.get_running_loop()
@@ -256,11 +107,17 @@ class ZmtpDealer:
 
     def send(self, frames: Sequence[Any]) -> None:
         transport = self._transport
-        if transport is not None and not self._paused:
+        # A transport that saw its peer go is closing until connection_lost runs, a loop
+        # turn or more later: uvloop's raises on a write then, asyncio's drops it.
+        if transport is not None and not self._paused and not transport.is_closing():
             transport.writelines(zmtp_buffers(frames))
             return
         if self._closed:
             raise DealerBusy(f"{self.endpoint}: closed")
+        if self._refuse_while_reconnecting and (
+            self._reconnecting or (transport is not None and transport.is_closing())
+        ):
+            raise DealerBusy(f"{self.endpoint}: connection lost, reconnecting")
         if len(self._queue) >= self._hwm:
             state = "not reading" if transport is not None else "not connected"
             raise DealerBusy(f"{self.endpoint}: {state}, {len(self._queue)} messages queued")
@@ -301,6 +158,7 @@ class ZmtpDealer:
     def _ready(self, transport: asyncio.Transport) -> None:
         """The handshake is done: send what queued meanwhile."""
         self._transport = transport
+        self._reconnecting = False
         self._drain()
 
     def _drain(self) -> None:
@@ -321,6 +179,17 @@ class ZmtpDealer:
         log.warning("%s broke ZMTP: %s; reconnecting", self.endpoint, exc)
         if self._on_violation is not None:
             self._on_violation(exc)
+
+    def _disconnected(self) -> None:
+        """The connection the handshake was done on is gone, and what was written to it."""
+        self._transport = None  # sends queue (or are refused) until the next handshake
+        self._paused = False
+        if self._on_disconnect is None or self._closed:
+            return
+        self._queue.clear()
+        self._reconnecting = self._refuse_while_reconnecting
+        log.info("lost the connection to %s; reconnecting", self.endpoint)
+        self._on_disconnect()
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -372,9 +241,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._dealer._pause(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._dealer._transport is self._transport:
-            self._dealer._transport = None  # sends queue again until the next handshake
-            self._dealer._paused = False
+        if self._transport is not None and self._dealer._transport is self._transport:
+            self._dealer._disconnected()
         if not self._lost.done():
             self._lost.set_result(None)
 

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
+from remem_common.config import zmq_endpoint
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.protocol.pageserver_placement import ServerId, Zone
 from remem_common.security import CurveSettings
 
+PROG = "remem pageserver"
+DESCRIPTION = "Store clients' pages in this host's RAM."
 ENV_PREFIX = "REMEM_PAGESERVER_"
 
 
@@ -62,9 +65,7 @@ class PageServerConfig(CurveSettings):
     @field_validator("listen", "placement")
     @classmethod
     def _zmq_endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("tcp://", "ipc://")):
-            raise ValueError("must be a ZeroMQ endpoint like tcp://127.0.0.1:7100 or ipc://PATH")
-        return value
+        return zmq_endpoint(value, "tcp://127.0.0.1:7100")
 
     @model_validator(mode="after")
     def _placement_key(self) -> PageServerConfig:

@@ -8,16 +8,11 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from remem_common.protocol.envelope import MALFORMED_REASONS, ProtocolError
-from remem_common.security import AuthMetrics
+from remem_common.metrics import SUB_MS_BUCKETS, ServiceMetrics
 
 OPS = ("put", "get", "delete", "inventory", "drop_slab", "push_slab", "receive_slab")
-RESULTS = ("ok", "error")
-# Page-server work is tens of microseconds; the library's default buckets start at 5 ms.
-LATENCY_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0,
-)  # fmt: skip
+# Page-server work is tens of microseconds.
+LATENCY_BUCKETS = SUB_MS_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -58,28 +53,16 @@ class _StoreCollector(Collector):
         )
 
 
-class PageServerMetrics:
+class PageServerMetrics(ServiceMetrics):
     """Every metric the page server exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.auth = AuthMetrics(registry, "pageserver")
-        self.requests = Counter(
-            "pageserver_requests_total",
-            "Requests handled, by operation and result",
-            ["op", "result"],
-            registry=registry,
-        )
+        super().__init__(registry, "pageserver", OPS)
         self.duration = Histogram(
             "pageserver_request_duration_seconds",
             "Time to handle one request, by operation",
             ["op"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.malformed = Counter(
-            "pageserver_malformed_messages_total",
-            "Messages rejected as malformed, by reason",
-            ["reason"],
             registry=registry,
         )
         self.pages_moved = Counter(
@@ -103,18 +86,9 @@ class PageServerMetrics:
             "Heartbeats to placement that got no answer in time",
             registry=registry,
         )
-        self.ok = {op: self.requests.labels(op, "ok") for op in OPS}
-        self.error = {op: self.requests.labels(op, "error") for op in OPS}
         self.latency = {op: self.duration.labels(op) for op in OPS}
-        self.malformed_by = {reason: self.malformed.labels(reason) for reason in MALFORMED_REASONS}
         self.pages_in = self.pages_moved.labels("in")
         self.pages_out = self.pages_moved.labels("out")
-        self._registry = registry
-
-    def count_malformed(self, exc: ProtocolError) -> None:
-        """Count a message refused as malformed on any of the server's sockets."""
-        if exc.reason in MALFORMED_REASONS:
-            self.malformed_by[exc.reason].inc()
 
     def watch_store(self, gauges: StoreGauges) -> None:
         """Export the store's current state, read at each scrape."""

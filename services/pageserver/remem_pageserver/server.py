@@ -1,17 +1,17 @@
 """The page server's ZeroMQ loop: decode requests, authorize them, call the store, answer.
 
-One thread owns the arena: the ROUTER socket and every slab push (remem_pageserver.slab_push)
-are served from one loop, so the store needs no locks and a push reads a page and a client
+One thread owns the arena: the ROUTER (remem_pageserver.router: ZMTP served from this thread
+on plaintext links, libzmq with Curve) and every slab push (remem_pageserver.slab_push) are
+served from one loop, so the store needs no locks and a push reads a page and a client
 overwrites it in a well-defined order. Batches keep the per-message cost small. While no push
-is running the loop blocks in recv on the ROUTER alone: on these VMs a zmq_poll wake-up adds
-~100 us to every round trip that a blocking recv does not. Registration and heartbeats to
-placement (remem_pageserver.registration) run in their own thread with their own socket;
-they only read the store's counters.
+is running the loop waits on the ROUTER alone; with pushes, a zmq.Poller watches the ROUTER
+and the pushes' sockets. Registration and heartbeats to placement
+(remem_pageserver.registration) run in their own thread with their own socket; they only
+read the store's counters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -62,11 +62,12 @@ from remem_common.security import (
     Security,
     permits,
 )
-from remem_common.zmq_io import has_message, recv_frames, send_frames
+from remem_common.zmtp import ZmtpError
 
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
 from remem_pageserver.registration import RegistrationLink
+from remem_pageserver.router import open_router
 from remem_pageserver.slab_push import Frames, SlabPusher
 from remem_pageserver.store import NoSpaceError, PageStore
 
@@ -95,10 +96,6 @@ OP_OF = {
     "push_slab_request": "push_slab",
     "receive_slab_pages_request": "receive_slab",
 }
-# Messages taken from the ROUTER per poll wake-up before timers and push replies get a turn.
-MAX_BURST = 256
-
-
 POLL_MS = 100
 # At shutdown, the data socket is unbound once it has had no request for this long.
 SHUTDOWN_QUIET = 0.25
@@ -134,18 +131,18 @@ class PageServer:
         self.metrics = metrics
         self.context = context
         self.server_id = server_id
-        self.router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        # A client that vanished must not make us block or raise; its replies are dropped.
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.security.server_socket(self.router)
+        # Chosen for the endpoint `bind` will be given: config.listen.
+        self.router = open_router(
+            config.listen, context, self.security, on_violation=self._zmtp_violation
+        )
         self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.router.pollable, zmq.POLLIN)
         self.placement: RegistrationLink | None = None
         self._placement_thread: threading.Thread | None = None
         self._placement_stop = threading.Event()
-        self.pushes = SlabPusher(store, metrics, context, self.router, self.poller, self.security)
-        self._rcvtimeo = -1  # the router's RCVTIMEO, set only when it changes
+        self.pushes = SlabPusher(
+            store, metrics, context, self.router.send, self.poller, self.security
+        )
         self._stopping = False
         self.started_at = time.time()
         self.under_pressure = False
@@ -163,10 +160,7 @@ class PageServer:
 
     def bind(self, endpoint: str) -> str:
         """Bind the ROUTER; returns the endpoint actually bound (with the chosen port)."""
-        self.router.bind(endpoint)
-        bound = self.router.getsockopt(zmq.LAST_ENDPOINT)
-        assert isinstance(bound, bytes)
-        return bound.decode()
+        return self.router.bind(endpoint)
 
     def connect_placement(
         self,
@@ -242,24 +236,18 @@ class PageServer:
             self._serve_once()
         self._shutdown()
 
-    def _serve_once(self, timeout_ms: int = POLL_MS) -> None:
+    def _serve_once(self, timeout_ms: int = POLL_MS) -> int:
+        """Wait up to `timeout_ms` and serve what came; returns the requests handled."""
         if not self.pushes:
-            if timeout_ms != self._rcvtimeo:
-                self.router.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                self._rcvtimeo = timeout_ms
-            try:
-                frames = recv_frames(self.router, block=True)
-            except zmq.Again:
-                return
-            self._handle(frames)
-            self._drain_router()
-            return
+            return self.router.serve(self._handle, timeout_ms)
         events = dict(self.poller.poll(timeout_ms))
-        if self.router in events:
-            self._drain_router()
+        handled = 0
+        if self.router.pollable in events:
+            handled = self.router.drain(self._handle)
         for sock in events:
             self.pushes.on_readable(sock)
         self.pushes.expire(time.monotonic())
+        return handled
 
     def _shutdown(self) -> None:
         log.info("stopping: finishing queued requests, then no new connections")
@@ -269,18 +257,11 @@ class PageServer:
         deadline = time.monotonic() + self.config.drain_timeout
         quiet_since = time.monotonic()
         while (now := time.monotonic()) < deadline and now - quiet_since < SHUTDOWN_QUIET:
-            if self._drain_router() or self.pushes:
+            if self._serve_once(10) or self.pushes:
                 quiet_since = now
-            if self.pushes:
-                self._serve_once(10)
-            else:
-                self.router.poll(10)
-        for endpoint in (self.router.getsockopt(zmq.LAST_ENDPOINT),):
-            assert isinstance(endpoint, bytes)
-            with contextlib.suppress(zmq.ZMQError):
-                self.router.unbind(endpoint.decode())
+        self.router.unbind()
         while time.monotonic() < deadline:
-            handled = self._drain_router()
+            handled = self.router.drain(self._handle)
             if not handled and not self.pushes:
                 break
             if self.pushes:
@@ -293,23 +274,14 @@ class PageServer:
         if self._placement_thread is not None:
             self._placement_thread.join(timeout=5)
         self.pushes.close()
-        self.router.close(linger=0)
+        self.router.close()
 
     # -- request dispatch ------------------------------------------------------------------
 
-    def _drain_router(self) -> int:
-        handled = 0
-        router = self.router
-        # Asking EVENTS first: a zmq.Again raised at the end of every burst cost ~3% of a
-        # one-page GET's CPU (exception and enum objects).
-        while handled < MAX_BURST and has_message(router):
-            try:
-                frames = recv_frames(router)
-            except zmq.Again:
-                break
-            handled += 1
-            self._handle(frames)
-        return handled
+    def _zmtp_violation(self, exc: ZmtpError) -> None:
+        """A peer broke ZMTP (the ZMTP router closed its connection): counted as libzmq's
+        ROUTER would not, beside the messages refused as malformed."""
+        self.metrics.malformed_by["bad_frames"].inc()
 
     def _handle(self, frames: Frames) -> None:
         started = time.perf_counter()
@@ -340,9 +312,7 @@ class PageServer:
         if op is not None:
             (self.metrics.error if failed else self.metrics.ok)[op].inc()
             self.metrics.latency[op].observe(time.perf_counter() - started)
-        try:
-            send_frames(self.router, [*routing, *reply])
-        except zmq.Again:
+        if not self.router.send([*routing, *reply]):
             log.warning("dropped a reply: the client is not reading")
 
     def _authorize(self, identity: Identity | None, msg: Any) -> None:

@@ -57,7 +57,7 @@ def start(config: PageServerConfig, lifecycle: Lifecycle) -> Started[Servable]:
     server_id = config.server_id or f"{socket.gethostname()}-{port_hint}"
     server = PageServer(config, store, metrics, context, server_id=server_id, security=security)
     lifecycle.callback(server.close)
-    with lifecycle.as_failure(f"cannot bind {config.listen}", zmq.ZMQError):
+    with lifecycle.as_failure(f"cannot bind {config.listen}", zmq.ZMQError, OSError):
         bound = server.bind(listen)
     if config.server_id is None and port_hint == "*":
         server.server_id = f"{socket.gethostname()}-{bound.rsplit(':', 1)[-1]}"

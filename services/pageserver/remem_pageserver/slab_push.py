@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,24 +73,25 @@ class PushJob:
 
 class SlabPusher:
     """The slab pushes in progress, each on a DEALER of its own that the page server's loop
-    polls; a push's reply to placement goes out on the page server's ROUTER."""
+    polls; a push's reply to placement goes out on the page server's ROUTER (`send_reply`:
+    `[routing_id, *message]`, False if dropped)."""
 
     def __init__(
         self,
         store: PageStore,
         metrics: PageServerMetrics,
         context: zmq.Context[zmq.Socket[bytes]],
-        router: zmq.Socket[bytes],
+        send_reply: Callable[[Frames], bool],
         poller: zmq.Poller,
         security: Security,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.context = context
-        self.router = router
+        self.send_reply = send_reply
         self.poller = poller
         self.security = security
-        self.jobs: dict[zmq.Socket[bytes], PushJob] = {}
+        self.jobs: dict[zmq.Socket[bytes] | int, PushJob] = {}
         self._msg_id = 0
 
     def __bool__(self) -> bool:
@@ -133,7 +135,9 @@ class SlabPusher:
             ) from None
         now = time.monotonic()
         job = PushJob(
-            routing=routing,
+            # Copied: the routing frames of a ZMTP router's message point into its receive
+            # buffer, which the next read reuses.
+            routing=[bytes(frame) for frame in routing],
             request=msg,
             source_server=source_server,
             socket=sock,
@@ -153,7 +157,7 @@ class SlabPusher:
         )
         self._push_more(job)
 
-    def on_readable(self, sock: zmq.Socket[bytes]) -> None:
+    def on_readable(self, sock: zmq.Socket[bytes] | int) -> None:
         """Take the replies waiting on `sock`, if it is a push's socket."""
         job = self.jobs.get(sock)
         if job is not None:
@@ -189,9 +193,13 @@ class SlabPusher:
             keys = make_keys(np.full(chunk.size, req.slab, dtype=np.uint32), chunk)
             result = self.store.get(req.tenant, req.volume, keys)
             # Pages trimmed since the push began are gone; pages whose checksum no longer
-            # matches are not spread to another server.
-            ok = result.found.copy()
-            ok[ok] = _crc_ok(result.data[ok], result.crcs[ok])
+            # matches are not spread to another server. Nearly always the whole chunk is there
+            # and intact: it is then checked and sent as read, without masked copies of it.
+            if result.found.all():
+                ok = _crc_ok(result.data, result.crcs)
+            else:
+                ok = result.found.copy()
+                ok[ok] = _crc_ok(result.data[ok], result.crcs[ok])
             job.corrupt += int(np.count_nonzero(result.found & ~ok))
             count = int(np.count_nonzero(ok))
             if not count:
@@ -205,15 +213,19 @@ class SlabPusher:
                 slab=req.slab,
                 count=count,
             )
-            whole = count == chunk.size
-            data = result.data if whole else result.data[ok]
             # The seals travel with their pages: the client decrypts a pushed copy as it
             # would the original.
-            seals = result.seals if whole else result.seals[ok]
-            job.socket.send_multipart(
-                encode(msg, np.ascontiguousarray(chunk[ok]), result.crcs[ok], data, seals),
-                copy=False,
-            )
+            if count == chunk.size:
+                frames = encode(msg, chunk, result.crcs, result.data, result.seals)
+            else:
+                frames = encode(
+                    msg,
+                    np.ascontiguousarray(chunk[ok]),
+                    result.crcs[ok],
+                    result.data[ok],
+                    result.seals[ok],
+                )
+            job.socket.send_multipart(frames, copy=False)
             job.inflight[self._msg_id] = count
             job.sent_pages += count
             self.metrics.push_sent_bytes.inc(count * PAGE_SIZE)
@@ -279,9 +291,7 @@ class SlabPusher:
                 ErrorReply(msg_id=0, parent_id=req.msg_id, error_code=code, detail=detail)
             )
         self.metrics.latency["push_slab"].observe(seconds)
-        try:
-            self.router.send_multipart([*job.routing, *reply], flags=zmq.NOBLOCK)
-        except zmq.Again:
+        if not self.send_reply([*job.routing, *reply]):
             log.warning("dropped a push reply: the requester is not reading")
 
 
