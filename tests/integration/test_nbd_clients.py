@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -281,7 +282,7 @@ def test_nbdsh_protocol_edge_cases(uri: str) -> None:
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
-    return scrape_metrics(service.ready["metrics"] + "/metrics")
+    return scrape_metrics(service.ready["metrics"])  # the ready line names /metrics
 
 
 def test_metrics_endpoint(service: ServiceProcess) -> None:
@@ -364,6 +365,45 @@ def test_socket_in_use_is_refused(service: ServiceProcess, tmp_path: Path) -> No
     )  # fmt: skip
     assert result.returncode == 1
     assert "in use" in result.stderr
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "remem_client", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_path_or_key_that_cannot_be_used_exits_2_with_one_line(tmp_path: Path) -> None:
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("")
+    taken = run_client(*client_args(not_a_socket, "1MiB")[1:], "--no-lock-memory")
+    assert taken.returncode == 2, taken
+    assert taken.stderr == f"remem client: --nbd-socket {not_a_socket} exists and is not a socket\n"
+    short_key = tmp_path / "page.key"
+    short_key.write_bytes(b"12345")
+    short_key.chmod(0o600)
+    remote = run_client(
+        *client_args(tmp_path / "r.sock", "1MiB")[1:], "--no-lock-memory", "--backend", "remote",
+        "--placement", "tcp://127.0.0.1:1", "--page-key", str(short_key),
+    )  # fmt: skip
+    assert remote.returncode == 2, remote
+    # (a key without its nonce state: the first of the page key's checks)
+    assert remote.stderr.startswith(f"remem client: page key {short_key} has no nonce state ")
+    assert remote.stderr.count("\n") == 1
+    assert not (tmp_path / "r.sock").exists()
+
+
+def test_a_taken_metrics_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_client(
+            "--size", "1MiB", "--nbd-socket", str(tmp_path / "m.sock"), "--no-lock-memory",
+            "--metrics-port", str(port),
+        )  # fmt: skip
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        f"remem client: cannot serve metrics on port {port}: [Errno 98] Address already in use\n"
+    )
 
 
 def test_export_name_mismatch_over_the_old_handshake_closes(service: ServiceProcess) -> None:

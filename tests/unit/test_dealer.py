@@ -1,6 +1,7 @@
 """remem_client.dealer: the pending-request table on its own, then the dealer over a real
 libzmq ROUTER in both of its modes (ZMTP from the loop for plaintext tcp/ipc; libzmq for
-Curve and for inproc), and every link counting its peer's ZMTP violations."""
+Curve and for inproc), losing its connection and finding the router again, and every link
+counting its peer's ZMTP violations and failing its requests when its connection is lost."""
 
 from __future__ import annotations
 
@@ -23,15 +24,16 @@ from remem_client.dealer import (
     open_dealer,
     speaks_zmtp,
 )
-from remem_client.links import PageServerLink
+from remem_client.links import PageServerLink, ReplicaFailure, page_keys
 from remem_client.metrics import MalformedReplies
-from remem_client.mirror_link import MirrorLink
-from remem_client.placement_link import PlacementLink
+from remem_client.mirror_link import MirrorFailure, MirrorLink
+from remem_client.placement_link import PlacementLink, PlacementLinkError
 from remem_client.zmtp import GREETING, ZmtpError, ready_command
 from remem_common.framing import encode
 from remem_common.pageserver_client import REPLY_ADAPTER, AnyReply
 from remem_common.protocol.client_pageserver import PutPagesReply
-from remem_common.protocol.envelope import ErrorReply
+from remem_common.protocol.envelope import ErrorCode, ErrorReply
+from remem_common.protocol.pages import SLAB_PAGES
 from remem_common.security import Security, write_keypair
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -177,6 +179,7 @@ class Router:
     def __init__(self, context: Context, endpoint: str, secret_key: bytes | None) -> None:
         self.router = context.socket(zmq.ROUTER)
         self.router.linger = 0
+        self.secret_key = secret_key  # a restarted router binds the same endpoint and key
         self.public_key: str | None = None  # z85, with Curve
         if secret_key is not None:
             public_key = zmq.curve_public(secret_key)
@@ -190,6 +193,11 @@ class Router:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    @property
+    def holding(self) -> int:
+        """Requests received and not answered yet (b"hold")."""
+        return len(self._held)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -266,7 +274,10 @@ def served(mode: str, zmq_context: Context, tmp_path: Path) -> Iterator[tuple[Ro
     router.close()
 
 
-def open_link(router: Router, security: Security, context: Context, table: Table) -> Link:
+def open_link(
+    router: Router, security: Security, context: Context, table: Table, **options: Any
+) -> Link:
+    """A Link to `router`; `options` go to open_dealer (on_disconnect, ...)."""
     link = Link(None, table)
     link.dealer = open_dealer(
         router.endpoint,
@@ -276,6 +287,7 @@ def open_link(router: Router, security: Security, context: Context, table: Table
         server_key=router.public_key,
         hwm=256,
         on_violation=table.pending.violation,
+        **options,
     )
     return link
 
@@ -330,6 +342,61 @@ async def test_a_closed_dealer_refuses_and_delivers_nothing_more(
     # request runs into its timeout.
     await until(lambda: unanswered in link.table.expired)
     assert not unanswered.done() and link.table.malformed.late["pageserver"] == 0
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["refusing", "queueing"])
+async def test_a_lost_connection_fails_what_was_in_flight_at_once_and_the_router_is_found_again(
+    mode: str, served: tuple[Router, Security], zmq_context: Context, refuse: bool
+) -> None:
+    """The router goes away with a request unanswered: `on_disconnect` is told at once (the
+    request would otherwise wait 30 s). Until a router is back on the endpoint, a send is
+    refused (`refuse_while_reconnecting`) or queued for it; then requests are answered."""
+    if MODES[mode][0] == "inproc":
+        pytest.skip("an inproc connection is never lost")
+    router, security = served
+    table = Table(timeout=30.0)
+    losses: list[int] = []  # requests waiting at each loss
+
+    def lost() -> None:
+        losses.append(len(table.pending))
+        table.pending.fail_all(lambda: ConnectionError("connection lost"))
+
+    link = open_link(
+        router, security, zmq_context, table, on_disconnect=lost, refuse_while_reconnecting=refuse
+    )
+    again: Router | None = None
+    try:
+        await asyncio.wait_for(link.request(), 10)  # connected (Curve's handshake included)
+        held = link.request(b"hold")
+        await until(lambda: router.holding == 1)  # received: in flight, unanswered
+        router.close()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(held, 5)
+        assert losses == [1]
+        queued: asyncio.Future[Any] | None = None
+        if refuse:
+            with pytest.raises(DealerBusy, match="connection lost"):
+                link.request()
+        else:
+            queued = link.request()  # waits for the router's return
+        again = Router(zmq_context, router.endpoint, router.secret_key)
+        if queued is not None:
+            assert (await asyncio.wait_for(queued, 10)).parent_id == 3
+        # Refused until the dealer has connected again (it retries every 100 ms).
+        while True:
+            try:
+                answered = link.request()
+                break
+            except DealerBusy:
+                assert refuse
+                await asyncio.sleep(0.01)
+        assert (await asyncio.wait_for(answered, 10)).parent_id > 2
+        assert losses == [1] and table.expired == [] and len(table.pending) == 0
+        assert table.malformed.late["pageserver"] == 0
+    finally:
+        link.dealer.close()
+        if again is not None:
+            again.close()
 
 
 async def test_a_libzmq_dealer_with_no_server_refuses_past_its_high_water_mark(
@@ -412,6 +479,50 @@ async def test_every_link_counts_its_peers_zmtp_violations(
             await result
         await asyncio.to_thread(server.join, 5)
     assert sum(malformed.counts.values()) == malformed.counts[(peer, "bad_frames")] == 1
+
+
+@pytest.mark.parametrize("peer", ["pageserver", "mirror", "placement"])
+async def test_every_link_fails_its_requests_in_flight_when_the_connection_is_lost(
+    peer: str, zmq_context: Context, tmp_path: Path
+) -> None:
+    """A request reaches the peer, which goes away without answering: the request fails
+    with the link's own failure within seconds, not at its 30 s timeout."""
+    endpoint = f"ipc://{tmp_path}/{peer}.sock"
+    router = zmq_context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(endpoint)
+    close: Callable[[], Any]
+    failure: type[Exception]
+    if peer == "pageserver":
+        page_link = PageServerLink(
+            "ps0", endpoint, context=zmq_context, tenant="acme", volume=1, timeout=30
+        )
+        request: asyncio.Future[Any] = page_link.submit_get(page_keys(0, 1, SLAB_PAGES), 0, 0)[0]
+        close, failure = page_link.close, ReplicaFailure
+    elif peer == "mirror":
+        mirror = MirrorLink(endpoint, context=zmq_context, cache_bytes=1 << 20, timeout=30)
+        request = asyncio.ensure_future(mirror.barrier())
+        close, failure = mirror.close, MirrorFailure
+    else:
+        placement = PlacementLink(
+            endpoint, tenant="acme", volume=1, replicas=1, context=zmq_context, timeout=30
+        )
+        request = asyncio.ensure_future(placement.refresh_map())
+        close, failure = placement.close, PlacementLinkError
+    try:
+        await until(lambda: bool(router.poll(0)))  # the request is there, unanswered
+        router.close(linger=0)
+        with pytest.raises(failure) as failed:
+            await asyncio.wait_for(request, 5)
+        if peer == "mirror":
+            assert "connection lost" in str(failed.value) and not mirror.up
+        else:
+            assert getattr(failed.value, "code", None) == ErrorCode.UNAVAILABLE, failed.value
+    finally:
+        router.close(linger=0)
+        result = close()
+        if asyncio.iscoroutine(result):
+            await result
 
 
 async def test_an_error_reply_reaches_its_request() -> None:

@@ -125,6 +125,16 @@ async def test_an_adopted_slab_reads_pages_no_replica_holds_as_zeros_only_if_all
         replicas = await r.placement.allocate(0)
         r.backend.slabs.set_replicas(0, replicas, adopted=True)  # a restarted client
         assert await r.read(0, 4) == [0] * 4
+        # Replicas lacking pages of an adopted slab are not reported: those pages were most
+        # likely never written, and a restarted client reads such pages at every start.
+        assert r.placement.reports == []
+        # But a replica lacking a page another replica holds lost it: that is reported.
+        await r.write(5, 1, 1)
+        r.backend.slabs.set_replicas(0, replicas, adopted=True)  # restarted again
+        first = next(r.holders(0))
+        del first.pages[(0, 5)]
+        assert await r.read(5, 1) == [1]
+        assert [(sid, slab) for sid, slab, *_ in r.placement.reports] == [(first.server_id, 0)]
         r.server(1).down = True
         with pytest.raises(BackendError):
             await r.read(0, 4)  # ps1 might hold them: no proof they were never written

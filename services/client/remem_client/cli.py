@@ -1,22 +1,23 @@
-"""`remem client` / `python -m remem_client`: the NBD export a host swaps to.
-
-Lifecycle: validate the config (exit 2 on a bad value) -> protect the process (memlock)
--> bind the NBD listeners and the metrics endpoint -> log `ready nbd_uri=... metrics=...`
--> serve -> on SIGTERM/SIGINT drain in-flight requests and exit 0.
-"""
+"""`remem client` / `python -m remem_client`: parse the flags, protect the process, then run
+the client's lifecycle (`remem_common.lifecycle`: validate, bind, ready, serve, hand over or
+drain, exit; service.py) on the event loop the flags name."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import Callable
+from functools import partial
 
 from remem_common.config import load_config
+from remem_common.lifecycle import EXIT_CONFIG, run_service_async
 from remem_common.logs import setup_logging
 
 from remem_client.config import ENV_PREFIX, PROG, ClientConfig
 from remem_client.memlock import protect_process
-from remem_client.server import EXIT_FAILURE, run
+from remem_client.service import EXIT_FORCED, cancel_leftover_tasks, start
 
 DESCRIPTION = (
     "Serve a block device over NBD (Unix socket and/or TCP) for the kernel's nbd-client, "
@@ -30,13 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         ClientConfig, argv, prog=PROG, env_prefix=ENV_PREFIX, description=DESCRIPTION
     )
     log = setup_logging("remem.client", config.log_level)
-    if config.lock_memory:
-        protect_process(log)
     loop_factory = event_loop_factory(config.event_loop, log)
     if loop_factory is None:
-        return EXIT_FAILURE
+        sys.stderr.write(f"{PROG}: --event-loop uvloop: uvloop is not installed\n")
+        return EXIT_CONFIG
+    if config.lock_memory:
+        protect_process(log)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(run(config, log))
+        status = runner.run(
+            run_service_async(PROG, log, partial(start, config), forced_exit=EXIT_FORCED)
+        )
+        if not runner.run(cancel_leftover_tasks()):
+            # The runner's own close would wait for them forever: leave them to the kernel.
+            logging.shutdown()
+            os._exit(status)
+    return status
 
 
 def event_loop_factory(
@@ -54,7 +63,6 @@ def event_loop_factory(
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            log.error("--event-loop uvloop: uvloop is not installed")
             return None
         log.warning("uvloop not installed; using asyncio's event loop (slower for large I/O)")
         return asyncio.new_event_loop

@@ -3,7 +3,7 @@
 Loaded by `remem_common.config.load_config` (flag > environment > default), validated
 before any socket is bound; a bad value prints one line and exits 2. Backend-specific
 settings (the remote backend's placement address, replicas, mirror...) are added as more
-fields here; `backend` selects which backend `server.make_backend` builds.
+fields here; `backend` selects which backend `service.make_backend` builds.
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 FDNAME_PREFIX = "nbd-"
 STATE_FORMAT = 1
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start at fd 3
+# Seconds a notify message may wait for room in the service manager's queue (a datagram
+# socket blocks while it is full): the stop must not hang on it.
+NOTIFY_TIMEOUT = 2.0
 
 
 class HandoverUnavailable(Exception):
@@ -168,6 +171,7 @@ def notify_with_fds(state: str, fds: list[int], environ: Mapping[str, str] = os.
         OSError: the message could not be sent (the descriptors are then not stored).
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(NOTIFY_TIMEOUT)
         sock.connect(_notify_address(environ))
         ancillary = []
         if fds:

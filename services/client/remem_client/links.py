@@ -8,7 +8,10 @@ into one message per server and operation (a GET of 32 single-page NBD reads is 
 The link is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve)
 and a `dealer.PendingRequests`: no coroutine or future per message beyond the batch's own.
 A batch that gets no answer within `timeout` fails with `ReplicaFailure`; the backend then
-tries another replica.
+tries another replica. So do the batches in flight when the connection is lost (the server
+was killed or restarted): at once, not after the timeout; and until the link is connected
+again (a restarted server comes back on the same endpoint), new batches fail as they are
+sent.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from remem_common.protocol.pages import (
 )
 from remem_common.security import Security
 
-from remem_client.dealer import DealerBusy, PendingRequests, open_dealer
+from remem_client.dealer import DealerBusy, Link
 
 if TYPE_CHECKING:
     import zmq
@@ -76,6 +79,7 @@ class ReplicaFailure(Exception):
         self.detail = detail
 
 
+@dataclass(slots=True, eq=False)
 class GetResult:
     """One GET batch's answer; a request reads its rows [start, start + count).
 
@@ -83,21 +87,11 @@ class GetResult:
     caller asks, so the small-read fast path never touches numpy.
     """
 
-    __slots__ = ("count", "crc_raw", "data_raw", "found_raw", "seal_raw")
-
-    def __init__(
-        self,
-        count: int,
-        found_raw: memoryview,
-        crc_raw: memoryview,
-        data_raw: memoryview,
-        seal_raw: memoryview,
-    ) -> None:
-        self.count = count
-        self.found_raw = found_raw
-        self.crc_raw = crc_raw
-        self.data_raw = data_raw
-        self.seal_raw = seal_raw
+    count: int
+    found_raw: memoryview
+    crc_raw: memoryview
+    data_raw: memoryview
+    seal_raw: memoryview
 
     @property
     def found(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
@@ -139,8 +133,15 @@ class _Batch:
         )
 
 
-class PageServerLink:
+class PageServerLink(Link[AnyReply]):
     """The client's connection to one page server."""
+
+    peer = "pageserver"
+    reply_adapter = REPLY_ADAPTER
+    hwm = SEND_HWM
+    # A batch sent while the connection is lost fails at once: the backend tries another
+    # replica instead of waiting for this one.
+    refuse_while_reconnecting = True
 
     def __init__(
         self,
@@ -155,30 +156,13 @@ class PageServerLink:
         security: Security | None = None,
         server_key: str | None = None,
     ) -> None:
+        super().__init__(
+            endpoint, context, timeout, malformed, security, server_key, name=server_id
+        )
         self.server_id = server_id
-        self.endpoint = endpoint
-        self.server_key = server_key
         self.tenant = tenant
         self.volume = volume
-        self.timeout = timeout
-        self._loop = asyncio.get_running_loop()
-        self._pending: PendingRequests[AnyReply] = PendingRequests(
-            REPLY_ADAPTER,
-            peer="pageserver",
-            name=server_id,
-            timeout=timeout,
-            on_expire=self._expired,
-            malformed=malformed,
-        )
-        self._dealer = open_dealer(
-            endpoint,
-            self._on_reply,
-            context=context,
-            security=security,
-            server_key=server_key,
-            hwm=SEND_HWM,
-            on_violation=self._pending.violation,
-        )
+        self._dealer = self._open_dealer()
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
         self.closed = False
@@ -287,7 +271,7 @@ class PageServerLink:
                 )
 
     def _send_batch(self, batch: _Batch, future: asyncio.Future[Any]) -> None:
-        msg_id = self._pending.next_id()
+        msg_id = self._next_id()
         keys = batch.keys[0] if len(batch.keys) == 1 else b"".join(batch.keys)
         crcs_data: list[Any] = []
         if batch.op == "put":
@@ -316,6 +300,18 @@ class PageServerLink:
             future.set_exception(failure)
         # The batches waiting for room would wait a whole timeout more on a server that has
         # stopped answering: fail them now, so their callers fail over at once.
+        self._fail_open(failure)
+
+    def _disconnected(self) -> None:
+        """The connection to the server is lost: what was sent on it will never be answered.
+        Fail it now, and the batches waiting for room (sent now, they would be refused)."""
+        self._pending.fail_all(self._lost_failure)
+        self._fail_open(self._lost_failure())
+
+    def _lost_failure(self) -> ReplicaFailure:
+        return ReplicaFailure(self.server_id, ErrorCode.UNAVAILABLE, "connection lost")
+
+    def _fail_open(self, failure: ReplicaFailure) -> None:
         for batch in self._open.values():
             if batch.future is not None and not batch.future.done():
                 batch.future.set_exception(failure)

@@ -20,13 +20,14 @@ The mirror is trusted to serve page-ins only while it is known to hold every ack
 write (`serves_reads`). At start the link attaches: the mirror says whether the last session
 ended cleanly (`detach` after every write). If not (the client or the mirror crashed, or the
 mirror file is new), the link starts `incomplete` and the backend rebuilds the mirror from
-the replicas. If the mirror stops answering (a timeout) while writes or trims were in flight,
-everything in flight fails, the cache is released (the replicas still hold those pages) and
-the link becomes `incomplete` too: the mirror has missed writes, and a stale page is worse
-than an error. The link tries the mirror again after a back-off and keeps sending later
-writes to it; the backend's rebuild makes it complete again. Pages written durably while the
-network was down (`write_durable`) stay readable from an incomplete mirror: it alone holds
-them, and it confirmed each of them on disk.
+the replicas. If the mirror stops answering (a timeout, or its connection is lost: the
+process died) while writes or trims were in flight, everything in flight fails, the cache is
+released (the replicas still hold those pages) and the link becomes `incomplete` too: the
+mirror has missed writes, and a stale page is worse than an error. The link tries the
+mirror again after a back-off and keeps sending later writes to it; the backend's rebuild
+makes it complete again. Pages written durably while the network was down (`write_durable`)
+stay readable from an incomplete mirror: it alone holds them, and it confirmed each of them
+on disk.
 
 The socket is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve),
 its requests a `dealer.PendingRequests`.
@@ -65,7 +66,7 @@ from remem_common.protocol.envelope import ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
 from remem_common.security import Security
 
-from remem_client.dealer import Dealer, DealerBusy, PendingRequests, open_dealer
+from remem_client.dealer import Dealer, DealerBusy, Link
 
 if TYPE_CHECKING:
     import zmq
@@ -91,8 +92,12 @@ class MirrorFailure(Exception):
     """The mirror did not serve a request: error reply, timeout, or the link is down."""
 
 
-class MirrorLink:
+class MirrorLink(Link[MirrorReply]):
     """One DEALER to `remem mirror`, the bounded write cache, and mirror state."""
+
+    peer = "mirror"
+    reply_adapter = MIRROR_REPLY_ADAPTER
+    hwm = 4 * MAX_IN_FLIGHT
 
     def __init__(
         self,
@@ -105,24 +110,12 @@ class MirrorLink:
         security: Security | None = None,
         server_key: str | None = None,
     ) -> None:
-        self.endpoint = endpoint
-        self._security = security or Security.insecure()
-        self._server_key = server_key
-        self.timeout = timeout
-        self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
-        self._context = context
-        self._loop = asyncio.get_running_loop()
-        # Kept across reconnections: ids stay unique, so a reply to the old connection's
-        # request is never taken for the new one's.
-        self._pending: PendingRequests[MirrorReply] = PendingRequests(
-            MIRROR_REPLY_ADAPTER,
-            peer="mirror",
-            name="the mirror",
-            timeout=timeout,
-            on_expire=self._expired,
-            malformed=malformed,
+        # The requests waiting are kept across reconnections: ids stay unique, so a reply to
+        # the old connection's request is never taken for the new one's.
+        super().__init__(
+            endpoint, context, timeout, malformed, security, server_key, name="the mirror"
         )
-        self._next_id = self._pending.next_id
+        self.cache_limit = max(cache_bytes, MAX_MIRROR_PAGES * PAGE_SIZE)
         # entry id -> (first page, count, data) of writes the mirror has not confirmed; dict
         # order is the order the mirror applies them (gathered entries are sent first).
         self._cache: dict[int, tuple[int, int, bytes]] = {}
@@ -157,15 +150,7 @@ class MirrorLink:
     # -- socket ----------------------------------------------------------------------------
 
     def _open_socket(self) -> None:
-        self._dealer = open_dealer(
-            self.endpoint,
-            self._on_reply,
-            context=self._context,
-            security=self._security,
-            server_key=self._server_key,
-            hwm=4 * MAX_IN_FLIGHT,
-            on_violation=self._pending.violation,
-        )
+        self._dealer = self._open_dealer()
 
     def _close_socket(self) -> None:
         if self._dealer is not None:
@@ -484,6 +469,12 @@ class MirrorLink:
         self._lost(why)
         if not future.done():
             future.set_exception(MirrorFailure(why))
+
+    def _disconnected(self) -> None:
+        """The connection to the mirror is lost (it died, or is restarting): nothing sent
+        on it will be answered, so it is lost as after a timeout, only sooner."""
+        if self.up:  # else lost already: the link tries a fresh socket after RETRY_AFTER
+            self._lost("connection lost")
 
     def _missed(self) -> None:
         """A write or trim was not sent (the mirror is down): its copy is not complete."""

@@ -10,6 +10,9 @@ The socket is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq
 its requests a `dealer.PendingRequests`: each request waits on a future that a reply or its
 expiry timer resolves. A timer, not asyncio.wait_for: the NBD layer runs the remote
 backend's requests without a Task (`task_free`), and from Python 3.12 wait_for needs one.
+A lost connection (placement killed or restarted) fails the requests in flight at once, as
+`unavailable`; requests sent until it is back wait for it (placement restarts quickly, and
+a failure report is worth delivering late).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from remem_common.protocol.client_placement import (
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, Request
 from remem_common.security import Security
 
-from remem_client.dealer import DealerBusy, PendingRequests, open_dealer
+from remem_client.dealer import DealerBusy, Link
 from remem_client.remote.slabmap import Replica, SlabMap
 
 if TYPE_CHECKING:
@@ -47,6 +50,8 @@ log = logging.getLogger("client.placement")
 # mark, which this link had before it had a dealer of its own): past it a request fails at
 # once, as `unavailable`.
 SEND_HWM = 1000
+# Seconds close() waits for the poll and report tasks once cancelled (they end at once).
+CLOSE_TIMEOUT = 2.0
 
 
 class PlacementLinkError(Exception):
@@ -62,8 +67,12 @@ def _replicas(refs: list[ReplicaRef]) -> list[Replica]:
     return [Replica(ref.server_id, ref.endpoint, ref.public_key) for ref in refs]
 
 
-class PlacementLink:
+class PlacementLink(Link[ClientReply]):
     """Implements `remote.slabmap.SlabPlacement` over placement's ROUTER."""
+
+    peer = "placement"
+    reply_adapter = CLIENT_REPLY_ADAPTER
+    hwm = SEND_HWM
 
     def __init__(
         self,
@@ -79,31 +88,13 @@ class PlacementLink:
         security: Security | None = None,
         server_key: str | None = None,
     ) -> None:
-        self.endpoint = endpoint
+        name = f"placement {endpoint}"
+        super().__init__(endpoint, context, timeout, malformed, security, server_key, name=name)
         self.tenant = tenant
         self.volume = volume
         self.replicas = replicas
-        self.timeout = timeout
         self.poll_interval = poll_interval
-        self._loop = asyncio.get_running_loop()
-        self._pending: PendingRequests[ClientReply] = PendingRequests(
-            CLIENT_REPLY_ADAPTER,
-            peer="placement",
-            name=f"placement {endpoint}",
-            timeout=timeout,
-            on_expire=self._expired,
-            malformed=malformed,
-        )
-        self._next_id = self._pending.next_id
-        self._dealer = open_dealer(
-            endpoint,
-            self._on_reply,
-            context=context,
-            security=security,
-            server_key=server_key,
-            hwm=SEND_HWM,
-            on_violation=self._pending.violation,
-        )
+        self._dealer = self._open_dealer()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slabs: SlabMap | None = None
@@ -123,13 +114,26 @@ class PlacementLink:
             log.warning("placement has no map for us yet: %s", exc)
         self._spawn(self._poll_map())
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Stop polling and reporting, fail what waits for placement, close the socket.
+
+        Waits at most `timeout` seconds for the background tasks to end: a task that
+        outlives its cancellation is logged and left to the loop's end, never awaited.
+        """
+        # Closed first: a task that is not cancelled yet (or that got past a cancellation)
+        # sends nothing more and leaves its loop.
         self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                log.warning(
+                    "placement link: %s still running %.1fs after it was cancelled",
+                    task.get_coro(),
+                    timeout,
+                )
         self._pending.fail_all(lambda: PlacementLinkError("closed", "placement link closed"))
         self._dealer.close()
 
@@ -164,6 +168,12 @@ class PlacementLink:
             future.set_exception(
                 PlacementLinkError("timeout", f"placement {self.endpoint} did not answer")
             )
+
+    def _disconnected(self) -> None:
+        """Placement's connection is lost: what was sent on it will never be answered."""
+        self._pending.fail_all(
+            lambda: PlacementLinkError(ErrorCode.UNAVAILABLE, "connection to placement lost")
+        )
 
     def _on_reply(self, frames: list[Any]) -> None:
         taken = self._pending.take(frames)
@@ -208,6 +218,8 @@ class PlacementLink:
         self, server_id: str, slab: int, detail: str, *, missed_write: bool = False
     ) -> None:
         """Tell placement (in the background) and re-read the map soon."""
+        if self._closed:
+            return  # shutting down: a failure seen now is the backend closing its links
         self._spawn(self._report(server_id, slab, detail, missed_write))
 
     async def _report(self, server_id: str, slab: int, detail: str, missed_write: bool) -> None:
@@ -271,9 +283,13 @@ class PlacementLink:
         )
 
     async def _poll_map(self) -> None:
-        while True:
+        while not self._closed:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when
+            # it is cancelled just as the event it waits for is set (a report's reply had
+            # set it), so the task never ended and close() waited for it forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._refresh.wait()
             self._refresh.clear()
             try:
                 await self.refresh_map()

@@ -23,7 +23,6 @@ and is locked while a client runs: two clients sharing a key would repeat nonces
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import stat
@@ -36,6 +35,7 @@ import crc32c
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from remem_common.locking import lock_exclusive
 from remem_common.protocol.pages import (
     PAGE_SIZE,
     SEAL_BYTES,
@@ -80,14 +80,11 @@ class NonceCounter:
         self.path = path
         self.block = block
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
+        if not lock_exclusive(self._fd):
             raise SealingError(
                 f"nonce state {path} is locked by another client: two clients must never "
                 "share a page key"
-            ) from None
+            )
         self.existed = os.fstat(self._fd).st_size > 0
         marks = self._read_marks()
         if self.existed and not marks:

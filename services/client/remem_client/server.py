@@ -1,11 +1,13 @@
-"""The client service: NBD listeners, metrics endpoint, lifecycle and graceful shutdown.
+"""The NBD front end of the client service: listeners, the handover, drain and close.
 
 `NbdServer` serves one export over any number of Unix/TCP listeners (usable in-process by
-tests); `run` is the service: build the backend, bind everything, log the ready line,
-serve until SIGTERM/SIGINT, then stop accepting, let in-flight requests finish (requests
-that arrive meanwhile get ESHUTDOWN), close connections and the backend, exit 0. With
-`--handover` under systemd the connections are not closed but passed to the next process
-through the service manager (handover.py); a second signal during either exits at once.
+tests); the service around it (backend, metrics endpoint, ready line, signals) is
+`service.py` under `remem_common.lifecycle`. Stopping is two steps: `drain` stops
+accepting, lets in-flight requests finish (requests that arrive meanwhile get ESHUTDOWN) and
+aborts what is left after its timeout; `close` removes the Unix sockets and closes the
+backend, once, within a bound. With `--handover` under systemd, `hand_over` replaces the
+drain for connections in transmission: they are passed to the next process through the
+service manager (handover.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import stat
 from functools import partial
@@ -22,27 +23,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from prometheus_client import REGISTRY, start_http_server
+from remem_common.lifecycle import ConfigError, ServiceFailure
 
 from remem_client import handover
-from remem_client.errors import StartupError
-from remem_client.memory_backend import MemoryBackend
-from remem_client.metrics import build_metrics
 from remem_client.nbd import wire
 from remem_client.nbd.connection import ExportContext
 from remem_client.nbd.handshake import Export
 from remem_client.nbd.transmission import NbdConnection, connection_factory
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
     from remem_client.backend import Backend
-    from remem_client.config import ClientConfig
     from remem_client.metrics import NbdStats
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_FORCED = 130  # a second SIGTERM/SIGINT cut the shutdown short
+log = logging.getLogger("remem.client")
+
+# Seconds aborted connections get to finish cancelling (their Tasks end on a later turn).
+ABORT_GRACE = 1.0
+# Seconds the backend gets to close: the mirror's detach (2 s) and the placement link's
+# tasks (2 s) fit; past it the process exits without it (a warning says so).
+BACKEND_CLOSE_TIMEOUT = 10.0
 
 
 def transmission_flags(backend: Backend) -> int:
@@ -63,21 +62,7 @@ def transmission_flags(backend: Backend) -> int:
     return flags
 
 
-async def make_backend(config: ClientConfig, registry: CollectorRegistry) -> Backend:
-    """Build the backend `config.backend` names."""
-    if config.backend == "memory":
-        try:
-            return MemoryBackend(int(config.size))
-        except OSError as exc:
-            raise StartupError(f"cannot allocate {int(config.size)} bytes: {exc}") from exc
-    if config.backend == "remote":
-        from remem_client.remote.assembly import open_remote
-
-        return await open_remote(config, registry)
-    raise StartupError(f"unknown backend {config.backend!r}")
-
-
-def notify_service_manager(state: str, log: logging.Logger | None = None) -> bool:
+def notify_service_manager(state: str) -> bool:
     """Send `state` (e.g. "READY=1") to systemd when it started us as Type=notify.
 
     sd_notify(3)'s protocol without libsystemd: one datagram of newline-separated VAR=VALUE
@@ -95,11 +80,11 @@ def notify_service_manager(state: str, log: logging.Logger | None = None) -> boo
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(handover.NOTIFY_TIMEOUT)
             sock.connect(address)
             sock.sendall(state.encode())
     except OSError as exc:
-        if log is not None:
-            log.warning("could not notify the service manager: %s", exc)
+        log.warning("could not notify the service manager: %s", exc)
         return False
     return True
 
@@ -121,7 +106,7 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise StartupError(f"--nbd-socket {path} exists and is not a socket")
+        raise ConfigError(f"--nbd-socket {path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -130,7 +115,7 @@ def _remove_stale_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise StartupError(f"--nbd-socket {path} is in use by another server")
+    raise ServiceFailure(f"--nbd-socket {path} is in use by another server")
 
 
 class NbdServer:
@@ -153,6 +138,7 @@ class NbdServer:
         self.ctx = ExportContext(backend, export, stats)
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
+        self._closing: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         # uvloop's writelines passes all reply buffers to one writev without joining them.
         self.ctx.scatter_gather = type(loop).__module__.startswith("uvloop")
@@ -182,12 +168,13 @@ class NbdServer:
             partial(NbdConnection, self.ctx, (state.negotiated, state.pending)), sock
         )
 
-    async def hand_over(self, directory: Path, timeout: float, log: logging.Logger) -> int:
-        """Pass every connection in transmission to the service manager, then shut down.
+    async def hand_over(self, directory: Path, timeout: float) -> int:
+        """Pass every connection in transmission to the service manager; drain the others.
 
         Each stops reading at a request boundary, answers what it has read, and goes to the
         file-descriptor store with its state (handover.py); connections that cannot (in the
-        handshake, closing, or not idle within `timeout`) drain and close as in `shutdown`.
+        handshake, closing, or not idle within `timeout`) drain and close as in `drain`,
+        within what is left of `timeout`. `close` follows.
 
         Returns:
             The number of connections handed over.
@@ -230,15 +217,17 @@ class NbdServer:
                 os.close(handed.fd)
             # The store holds the socket now: closing ours sends nothing to the peer.
             connection.abort()
-        await self.shutdown(max(0.1, deadline - loop.time()))
+        await self.drain(max(0.1, deadline - loop.time()))
         return moved
 
-    async def shutdown(self, drain_timeout: float) -> bool:
-        """Stop accepting, drain in-flight requests, close everything.
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting; let requests in flight finish (new ones get ESHUTDOWN) and close
+        each connection once idle; abort those still open after `timeout` seconds.
+
+        Returns within `timeout` + ABORT_GRACE seconds.
 
         Returns:
-            True if every connection closed within `drain_timeout` seconds (the rest are
-            aborted).
+            True if every connection closed within `timeout` (the rest were aborted).
         """
         ctx = self.ctx
         ctx.shutting_down = True
@@ -247,23 +236,61 @@ class NbdServer:
         connections = list(ctx.connections)
         for connection in connections:
             connection.begin_shutdown()
-        drained = True
-        if connections:
-            _done, pending = await asyncio.wait(
-                [connection.closed for connection in connections], timeout=drain_timeout
-            )
-            if pending:
-                drained = False
-                for connection in list(ctx.connections):
-                    connection.abort()
-                await asyncio.wait([connection.closed for connection in connections], timeout=1.0)
+        if not connections:
+            return True
+        _done, pending = await asyncio.wait(
+            [connection.closed for connection in connections], timeout=timeout
+        )
+        if not pending:
+            return True
+        for connection in list(ctx.connections):
+            connection.abort()
+        _done, pending = await asyncio.wait(
+            [connection.closed for connection in connections], timeout=ABORT_GRACE
+        )
+        if pending:
+            log.warning("%d aborted connection(s) still closing; going on", len(pending))
+        return False
+
+    async def close(self, timeout: float = BACKEND_CLOSE_TIMEOUT) -> None:
+        """Stop accepting, remove the Unix sockets, close the backend: once, however often
+        it is called (a later call waits for the first), and within `timeout` seconds.
+
+        A backend that does not close in time is logged and left behind (the process is
+        exiting): a stop must not hang on a peer or a task that does not end.
+        """
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close(timeout))
+        await asyncio.shield(self._closing)
+
+    async def _close(self, timeout: float) -> None:
+        self.ctx.shutting_down = True
+        for server in self._servers:
+            server.close()
         for path in self._unix_paths:
             path.unlink(missing_ok=True)
-        await ctx.backend.close()
+        closing = asyncio.get_running_loop().create_task(self.ctx.backend.close())
+        _done, pending = await asyncio.wait([closing], timeout=timeout)
+        if pending:
+            log.warning("the backend did not close within %.1fs; exiting without it", timeout)
+            closing.cancel()
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            closing.result()  # a failure to close is the caller's (the lifecycle logs it)
+
+    async def shutdown(self, drain_timeout: float) -> bool:
+        """`drain`, then `close`.
+
+        Returns:
+            True if every connection closed within `drain_timeout` seconds (the rest are
+            aborted).
+        """
+        drained = await self.drain(drain_timeout)
+        await self.close()
         return drained
 
 
-async def adopt_connections(server: NbdServer, log: logging.Logger) -> int:
+async def adopt_connections(server: NbdServer) -> int:
     """Resume the connections the service manager passed us (LISTEN_FDS named nbd-*).
 
     Each must have a state file matching this export; any other descriptor, or one without
@@ -309,102 +336,3 @@ async def adopt_connections(server: NbdServer, log: logging.Logger) -> int:
     if directory is not None:
         handover.clear_states(directory)
     return adopted
-
-
-async def run(
-    config: ClientConfig, log: logging.Logger, registry: CollectorRegistry = REGISTRY
-) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit status."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def force_exit() -> None:
-        # The operator (or systemd's stop timeout) is done waiting: go now, as a SIGKILL
-        # would, but with a line in the log and a status that says so.
-        log.warning("second signal: exiting without finishing the shutdown")
-        logging.shutdown()
-        os._exit(EXIT_FORCED)
-
-    def first_signal() -> None:
-        stop.set()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, force_exit)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, first_signal)
-    try:
-        backend = await make_backend(config, registry)
-    except StartupError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILURE
-    stats = build_metrics(registry)
-    server = NbdServer(
-        backend,
-        stats,
-        export_name=config.export_name,
-        description=f"remem ({config.backend} backend)",
-    )
-    metrics_http = None
-    fields: list[str] = []
-    try:
-        try:
-            metrics_http, _thread = start_http_server(
-                config.metrics_port, addr=config.metrics_host, registry=registry
-            )
-        except OSError as exc:
-            host = host_port(config.metrics_host, config.metrics_port)
-            raise StartupError(f"cannot bind metrics endpoint {host}: {exc}") from exc
-        if config.nbd_socket is not None:
-            try:
-                await server.listen_unix(config.nbd_socket)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {config.nbd_socket}: {exc}") from exc
-            fields.append("nbd_uri=" + nbd_unix_uri(config.export_name, str(config.nbd_socket)))
-        address = config.nbd_listen_address
-        if address is not None:
-            try:
-                host, port = await server.listen_tcp(*address)
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {config.nbd_listen}: {exc}") from exc
-            if config.nbd_socket is None:
-                fields.append(f"nbd_uri=nbd://{host_port(host, port)}/{quote(config.export_name)}")
-            fields.append(f"nbd_tcp={host_port(host, port)}")
-    except StartupError as exc:
-        log.error("%s", exc)
-        await server.shutdown(0.1)
-        if metrics_http is not None:
-            metrics_http.shutdown()
-        return EXIT_FAILURE
-
-    adopted = await adopt_connections(server, log)
-    if adopted:
-        fields.append(f"resumed={adopted}")
-    metrics_host, metrics_port = metrics_http.server_address[:2]
-    fields.append(f"metrics=http://{host_port(str(metrics_host), int(metrics_port))}")
-    log.info(
-        "serving export %r size=%d backend=%s", config.export_name, int(config.size), config.backend
-    )
-    log.info("ready %s", " ".join(fields))
-    notify_service_manager(f"READY=1\nSTATUS=serving {' '.join(fields)}", log)
-    await stop.wait()
-    notify_service_manager("STOPPING=1", log)
-    directory = None
-    if config.handover:
-        try:
-            directory = handover.check_available(os.environ)
-        except handover.HandoverUnavailable as exc:
-            log.warning("no handover, the connections will close: %s", exc)
-    if directory is not None:
-        log.info("handing over: answering requests read so far (up to %.0fs)", config.drain_timeout)
-        moved = await server.hand_over(directory, config.drain_timeout, log)
-        log.info("handed over %d connection(s) to the service manager", moved)
-    else:
-        log.info("shutting down: draining in-flight requests (up to %.0fs)", config.drain_timeout)
-        drained = await server.shutdown(config.drain_timeout)
-        if not drained:
-            log.warning("drain timed out; remaining connections aborted")
-    with contextlib.suppress(Exception):
-        metrics_http.shutdown()
-        metrics_http.server_close()
-    log.info("stopped")
-    return EXIT_OK

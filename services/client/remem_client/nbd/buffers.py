@@ -10,6 +10,8 @@ arrived is received straight into its own buffer (`PartialWrite`) taken from the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 RX_SIZE = 256 * 1024  # receive buffer; holds many small requests per recv
 DIRECT_PAYLOAD = 64 * 1024  # WRITE payloads from this size are received into their own buffer
 RX_FREE_LIST = 8  # spare receive buffers kept per export
@@ -81,18 +83,17 @@ class PayloadPool:
             self._idle += size
 
 
+@dataclass(slots=True, eq=False)
 class PartialWrite:
     """A large WRITE whose payload is being received into its own pooled buffer."""
 
-    __slots__ = ("buf", "flags", "got", "handle", "length", "offset", "view")
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    buf: bytearray
+    got: int  # payload bytes received so far
+    view: memoryview = field(init=False)  # the payload's part of `buf`
 
-    def __init__(
-        self, flags: int, handle: int, offset: int, length: int, buf: bytearray, got: int
-    ) -> None:
-        self.flags = flags
-        self.handle = handle
-        self.offset = offset
-        self.length = length
-        self.buf = buf
-        self.view = memoryview(buf)[:length]
-        self.got = got  # payload bytes received so far
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.buf)[: self.length]

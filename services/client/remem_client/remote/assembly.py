@@ -2,6 +2,8 @@
 
 Kept apart from `server.py` so the NBD service stays transport-agnostic: `open_remote`
 returns a `Backend` whose `close()` also closes the placement link and the ZeroMQ context.
+What cannot start is a `ConfigError` (a key or a mirror that does not fit: exit status 2)
+or a `ServiceFailure` (the mirror does not answer: 1), as `remem_common.lifecycle` maps them.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import TYPE_CHECKING
 import zmq
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from remem_common.security import KeyFileError, Security, load_public_key
+from remem_common.lifecycle import ConfigError, ServiceFailure
+from remem_common.security import Security, load_public_key
 
-from remem_client.errors import StartupError
 from remem_client.metrics import MalformedReplies
 from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.placement_link import PlacementLink
@@ -177,23 +179,21 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
         try:
             sealer = open_page_sealer(config.page_key, tenant=config.tenant, volume=config.volume)
         except SealingError as exc:
-            raise StartupError(str(exc)) from exc
+            raise ConfigError(str(exc)) from exc
     else:
         log.warning(
             "--no-encrypt-pages: pages go to the page servers in plaintext, unauthenticated "
             "(for measuring the cost of encryption only)"
         )
-    try:
-        security = Security.from_settings(config, "client")
-        placement_key = (
-            load_public_key(config.placement_public_key) if config.placement_public_key else None
-        )
-        mirror_key = load_public_key(config.mirror_public_key) if config.mirror_public_key else None
-    except KeyFileError as exc:
-        raise StartupError(str(exc)) from exc
+    # A key file that cannot be used raises KeyFileError: exit status 2, like a ConfigError.
+    security = Security.from_settings(config, "client")
+    placement_key = (
+        load_public_key(config.placement_public_key) if config.placement_public_key else None
+    )
+    mirror_key = load_public_key(config.mirror_public_key) if config.mirror_public_key else None
     if security.keypair is not None and security.keypair.identity.tenant != config.tenant:
         # Every request would be answered `forbidden`: say so once, at start.
-        raise StartupError(
+        raise ConfigError(
             f"--curve-secret-key is a key of tenant {security.keypair.identity.tenant}, "
             f"not of --tenant {config.tenant}"
         )
@@ -245,9 +245,9 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
     if mirror is not None:
         try:
             await _adopt_mirror(mirror, backend, config)
-        except MirrorMismatch as exc:
+        except (ConfigError, ServiceFailure):
             await backend.close()
-            raise StartupError(str(exc)) from exc
+            raise
     await placement.start(backend.slabs)
     if mirror is not None and mirror.incomplete and not backend.written_anywhere():
         # Nothing to copy (a new volume): trims only, done before serving, so a new client
@@ -258,24 +258,25 @@ async def open_remote(config: ClientConfig, registry: CollectorRegistry) -> Remo
     return backend
 
 
-class MirrorMismatch(Exception):
-    """The mirror cannot serve this device (wrong size, or not answering at start)."""
-
-
 async def _adopt_mirror(mirror: MirrorLink, backend: RemoteBackend, config: ClientConfig) -> None:
     """Attach to the mirror: check it fits the device and take over its mirror-only pages
     (a restart). A mirror whose last session did not end cleanly is rebuilt from the
-    replicas (by the resync task) before it serves page-ins."""
+    replicas (by the resync task) before it serves page-ins.
+
+    Raises:
+        ConfigError: the mirror holds another number of pages than the device.
+        ServiceFailure: the mirror did not answer.
+    """
     try:
         attached = await mirror.attach()
         if attached.page_count != backend.page_count:
-            raise MirrorMismatch(
+            raise ConfigError(
                 f"mirror {config.mirror} holds {attached.page_count} pages, the device "
                 f"has {backend.page_count}"
             )
         _reply, bitmap = await mirror.list_unreplicated()
     except MirrorFailure as exc:
-        raise MirrorMismatch(f"mirror {config.mirror} did not answer: {exc}") from exc
+        raise ServiceFailure(f"mirror {config.mirror} did not answer: {exc}") from exc
     pages = backend.mark_unreplicated(bitmap)
     log.info(
         "mirror attached endpoint=%s path=%s direct_io=%s unreplicated_pages=%d complete=%s",

@@ -23,6 +23,7 @@ from typing import Any
 
 import crc32c
 import numpy as np
+import numpy.typing as npt
 from remem_common.protocol.pages import PAGE_SIZE, SEAL_BYTES, SLAB_PAGES, PageArray, checksum_pages
 
 from remem_client.backend import BackendError
@@ -203,6 +204,9 @@ class ReplicaReads(Part):
         # that every replica answered for and none holds may read as never written.
         answered = 0
         held = np.zeros(wanted, dtype=np.bool_)
+        # Replicas of an adopted slab that lacked pages (not reported unless another holds
+        # one of them: see the end of each answer).
+        lacking: list[tuple[str, npt.NDArray[np.intp]]] = []
         live = self._slabs.readable(slab, replicas)
         # Spread reads over a slab's replicas: slab n prefers its (n mod k)-th replica.
         if live:
@@ -230,6 +234,7 @@ class ReplicaReads(Part):
                 data = self._open(slab, sub, data, seals, good)
             if good.all() and todo.all():
                 stats.pages_read_remote += wanted
+                self._report_lacking(lacking, held | found, slab)
                 return data
             positions = np.flatnonzero(todo)
             held[positions[found]] = True
@@ -250,6 +255,7 @@ class ReplicaReads(Part):
                 to_repair.append((replica, positions[damaged]))
             if not todo.any():
                 stats.pages_read_remote += wanted
+                self._report_lacking(lacking, held, slab)
                 if to_repair and repair_rows is not None:
                     self._repair.repair(
                         slab, first, count, keys, repair_rows, repair_seals, to_repair, write_mark
@@ -257,14 +263,20 @@ class ReplicaReads(Part):
                 return rows
             if attempt + 1 < len(live):
                 stats.failovers += 1
-            bad = int(np.count_nonzero(~good))
+            if not damaged.any():
+                # An adopted slab whose replica lacks pages: most likely never written (a
+                # restarted client reads such pages every time it starts), no failure to
+                # report unless another replica turns out to hold one of them.
+                lacking.append((replica.server_id, positions[~found]))
+                continue
             log.warning(
                 "replica %s lacks or corrupts %d pages of slab %d; failing over",
                 replica.server_id,
-                bad,
+                int(np.count_nonzero(damaged)),
                 slab,
             )
             self._slabs.damaged(replica.server_id, slab)
+        self._report_lacking(lacking, held, slab)
         if unknown and answered == len(replicas) and not held[todo].any():
             # Adopted after a restart: every replica answered and none holds these pages, so
             # they were never written (or trimmed). They read as zeros. A replica that did not
@@ -275,6 +287,15 @@ class ReplicaReads(Part):
         raise BackendError(
             errno.EIO, f"{int(todo.sum())} pages of slab {slab} are on no live replica"
         )
+
+    def _report_lacking(
+        self, lacking: list[tuple[str, npt.NDArray[np.intp]]], held: BoolArray, slab: int
+    ) -> None:
+        """Report the replicas that lacked pages another replica holds: they lost them."""
+        for server_id, positions in lacking:
+            if held[positions].any():
+                log.warning("replica %s lacks pages of slab %d another holds", server_id, slab)
+                self._slabs.damaged(server_id, slab)
 
     def _open(
         self, slab: int, keys: Any, cipher: PageArray, seals: PageArray, good: BoolArray
