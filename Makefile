@@ -7,13 +7,13 @@ PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive as real peers: NBD clients, nbdkit as the
 # reference server, fio, a Prometheus server, iproute2 for network namespaces.
-DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc iproute2 fuse3 util-linux systemd
-DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus promtool gcc ip nbdfuse losetup systemd-analyze
+DEB_PACKAGES := nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus gcc iproute2 fuse3 util-linux systemd linux-perf
+DEB_COMMANDS := nbdkit nbdinfo nbdcopy nbdsh qemu-io fio prometheus promtool gcc ip nbdfuse losetup systemd-analyze perf
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: install deps lint typecheck test test-unit test-integration test-slow test-root test-fuzz \
         test-faults bench-pageserver bench-nbd bench-cluster bench-mirror bench-encryption \
-        bench-swap bench up clean deploy-check
+        bench-swap bench-phases bench up clean deploy-check
 
 install: $(STAMP)
 
@@ -102,6 +102,11 @@ bench-encryption: deps install
 # same run, every byte verified (root: nbdfuse, a loop device, a memory cgroup).
 bench-swap: deps install
 	$(PY) -m tests.system.bench_swap
+
+# Where a 4 KiB read's time goes at QD1: a scheduler trace (perf, root); each request split into
+# each process's time on a CPU and the time none runs (the hops between processes).
+bench-phases: deps install
+	$(PY) -m tests.bench.phases
 
 # Every benchmark in one run (tests/bench): fio against nbdkit memory and remem up at k=1 and
 # k=2 (and k=2 without its mirror), the client's metadata, a page server SIGKILLed under fio

@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from .fio_rows import K1, K2, K2_NO_MIRROR, LABELS, NBDKIT
+from .phases import render as render_phases
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -238,6 +239,7 @@ def render_markdown(results: dict[str, Any], chart: str | None) -> str:
     out += _mirror_section(results)
     out += _failover_section(results, targets)
     out += _memory_section(results, targets)
+    out += _phases_section(results)
     out += _swap_section(results, targets)
     out += _what_section(settings)
     return "\n".join(out) + "\n"
@@ -442,6 +444,24 @@ def _memory_section(results: dict[str, Any], targets: list[Target]) -> list[str]
             ],
         ]
     return [*out, *_table(["figure", "value", "target", "met?"], rows), ""]
+
+
+def _phases_section(results: dict[str, Any]) -> list[str]:
+    out = ["## Where a QD1 read's time goes (root)", ""]
+    phases = results.get("phases")
+    skipped = _skipped(phases)
+    if skipped or phases is None:
+        return [*out, skipped or "n/a", ""]
+    out += [
+        "fio reads 4 KiB at random at QD1 while `perf record` takes the kernel's sched_wakeup"
+        " and sched_switch events (tests/bench/phases.py): from one of fio's wake-ups to the"
+        " next is one request, split into each process's time on a CPU and the time none of"
+        " them runs (the hops between processes).",
+        "",
+        render_phases(phases),
+        "",
+    ]
+    return out
 
 
 def _swap_section(results: dict[str, Any], targets: list[Target]) -> list[str]:

@@ -29,10 +29,11 @@ from remem_client.bench_nbd import fill, running
 
 from .cluster_figures import client_metadata, failover, pageserver_bench
 from .fio_rows import K2, run_fio_rows, starters
+from .phases import measure as measure_phases
 from .report import REPO, machine_info, render_markdown
 from .swap import run_swap
 
-PARTS = ("fio", "cluster", "pageserver", "swap")
+PARTS = ("fio", "cluster", "pageserver", "phases", "swap")
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default="256M", help="part of the device fio touches")
     parser.add_argument("--failover-runtime", type=float, default=10.0, help="fio seconds")
     parser.add_argument("--pageserver-pages", type=int, default=1 << 20)
+    parser.add_argument("--phases-seconds", type=float, default=1.0, help="QD1 trace length")
     parser.add_argument("--swap-hog-mib", type=int, default=512)
     parser.add_argument("--swap-limit-mib", type=int, default=128)
     parser.add_argument("--swap-rounds", type=int, default=2)
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_clusters(run, args)
     if "pageserver" in args.parts:
         run.measure("pageserver", lambda: pageserver_bench(args.pageserver_pages))
+    if "phases" in args.parts:
+        run.measure("phases", lambda: measure_phases(args.phases_seconds))
     if "swap" in args.parts:
         run.measure(
             "swap", lambda: run_swap(args.swap_hog_mib, args.swap_limit_mib, args.swap_rounds)

@@ -236,7 +236,7 @@ def test_cluster_under_curve_keeps_tenants_apart_and_repairs_by_peer_push(
         placement_client(keys, "ps-c", placement) as impostor,
         pytest.raises(PlacementRequestError) as error,
     ):
-        impostor.call(
+        impostor.ask(
             RegisterServerRequest(
                 msg_id=impostor.next_id(),
                 server_id="ps-c",

@@ -265,3 +265,41 @@ def test_the_async_variant_also_ends_on_the_same_signal_twice() -> None:
             proc.kill()
             proc.wait(timeout=10)
         proc.stderr.close()
+
+
+def test_a_forced_exit_status_replaces_the_kill_with_one_line() -> None:
+    """The client's variant (forced_exit=130): the same signal twice logs why and exits 130."""
+    source = STUCK_ASYNC_SERVICE.replace(
+        'run_service_async("stuck", log, start)',
+        'run_service_async("stuck", log, start, forced_exit=130)',
+    )
+    assert "forced_exit=130" in source
+    proc = subprocess.Popen(
+        [sys.executable, "-c", source],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        lines: list[str] = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "draining" in line:
+                break
+            if "ready" in line:
+                proc.send_signal(signal.SIGINT)
+        else:
+            raise AssertionError(f"exited (rc={proc.wait()}) before draining: {lines}")
+        assert signal.SIGINT in caught_signals(proc.pid)  # handled, not the default again
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        assert proc.stderr.read() == (
+            "WARNING stuck: second signal (SIGINT): exiting without finishing the shutdown\n"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stderr.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from remem_placement.policy import Cluster
+from remem_placement.policy import PLANNED_PER_SLOT, Cluster
 from remem_placement.records import Drop, NoEligibleServer, PolicySettings, Push, Rebuilding
 
 MiB = 1 << 20
@@ -280,6 +280,57 @@ def test_a_push_waits_until_clients_see_its_target() -> None:
     assert planned(cluster, 1.0, 101.0) == ([], [])
     assert planned(cluster, 5.9, 101.0) == ([], [])
     assert [p.key for p in planned(cluster, 6.1, 101.0)[0]] == [("u", 0, 0)]
+
+
+def test_pushes_past_the_copying_slots_are_prepared_and_take_a_slot_at_once() -> None:
+    # While max_pushes copy, more are cleared and shown to clients: when a copy ends the
+    # next one starts at once, not after another round of clients' map polls.
+    settings = PolicySettings(**{**SETTINGS.__dict__, "max_pushes": 2, "map_settle": 5.0})
+    cluster = cluster_of(FOUR, settings)
+    slabs = 2 * PLANNED_PER_SLOT + 2
+    for slab in range(slabs):
+        cluster.allocate(("t", 0, slab), 1, now=0.0, wall=101.0)
+        cluster.slabs[("t", 0, slab)].target = 2
+    assert planned(cluster, 0.1, 101.0) == ([], [])  # every target waits for the clients
+    assert len(cluster.pushes) == 2 * PLANNED_PER_SLOT  # two to copy, the others prepared
+    cluster.map_applied("t", 0, cluster.epoch)
+    first, _ = planned(cluster, 0.2, 101.0)
+    assert len(first) == 2 and cluster.copying == {p.push_id for p in first}
+    assert planned(cluster, 0.3, 101.0) == ([], [])  # both slots taken
+    assert cluster.push_finished(first[0].push_id, ok=True, copied_bytes=4096, now=0.4) == []
+    (second,), _ = planned(cluster, 0.4, 101.0)  # no new wait for the clients
+    assert second not in first
+    assert len(cluster.pushes) == 2 * PLANNED_PER_SLOT  # another prepared in first[0]'s place
+    assert ("t", 0, 2 * PLANNED_PER_SLOT) in cluster.pushing
+    # An abandoned push frees its slot as well.
+    cluster.push_finished(first[1].push_id, ok=False, now=0.5)
+    (third,), _ = planned(cluster, 0.5, 101.0)
+    assert third not in (*first, second)
+
+
+def test_copies_are_spread_over_the_servers_rather_than_piled_on_one() -> None:
+    # Each page server copies from one thread: with two slots, p->q and q->p together
+    # finish sooner than two pushes onto q.
+    settings = PolicySettings(**{**SETTINGS.__dict__, "max_pushes": 2})
+    cluster = cluster_of([("p", "a", 1024, 0), ("q", "b", 1024, 0), ("r", "c", 1024, 0)], settings)
+    for slab in range(6):
+        cluster.allocate(("t", 0, slab), 2, now=0.0, wall=101.0)
+    assert [cluster.slabs[("t", 0, slab)].replicas for slab in (1, 4, 5)] == [
+        ["p", "r"],
+        ["p", "r"],
+        ["q", "r"],
+    ]
+    cluster.set_utilization("r", 1000 * MiB, 1024 * MiB, at=200.0)  # full: no target
+    for slab in (1, 4, 5):
+        cluster.missed_write("r", ("t", 0, slab), now=0.1)
+    started, _ = planned(cluster, 0.2, 101.0)  # oldest first would be slabs 1 and 4, both to q
+    assert sorted((p.key[2], p.source, p.target) for p in started) == [
+        (1, "p", "q"),
+        (5, "q", "p"),
+    ]
+    cluster.push_finished(started[0].push_id, ok=True, copied_bytes=4096, now=0.3)
+    (last,), _ = planned(cluster, 0.3, 101.0)
+    assert last.key == ("t", 0, 4)
 
 
 def test_a_replica_that_missed_a_write_leaves_the_slab_and_is_replaced() -> None:

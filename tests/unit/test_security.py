@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 from remem_cli.keys import main as keys_main
 from remem_client.config import ENV_PREFIX as CLIENT_PREFIX
 from remem_client.config import ClientConfig
-from remem_client.errors import StartupError
 from remem_client.remote.assembly import open_remote
 from remem_common.config import load_config
+from remem_common.lifecycle import ConfigError
 from remem_common.security import (
     Identity,
     KeyFileError,
@@ -150,5 +150,5 @@ async def test_a_client_key_of_another_tenant_stops_the_client_at_start(tmp_path
          "--page-key", str(tmp_path / "page.key")],
         prog="c", env_prefix=CLIENT_PREFIX, environ={},
     )  # fmt: skip
-    with pytest.raises(StartupError, match="key of tenant a, not of --tenant b"):
+    with pytest.raises(ConfigError, match="key of tenant a, not of --tenant b"):
         await open_remote(config, CollectorRegistry())

@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+EndpointT = TypeVar("EndpointT", bound=str | None)
 
 EXIT_CONFIG_ERROR = 2
 
@@ -28,6 +29,11 @@ class ServiceConfig(BaseModel):
     """Base of every service's config: frozen, and unknown keys are an error."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    if TYPE_CHECKING:
+        # Every service has one (`remem_common.lifecycle.run_cli` reads it), declared in its
+        # own model: a field here would move the flag in each --help.
+        log_level: str
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -157,6 +163,14 @@ def load_config(
         )
         sys.exit(0)
     return config
+
+
+def zmq_endpoint(value: EndpointT, example: str) -> EndpointT:
+    """A config's endpoint setting (None: unset) as given if tcp:// or ipc://, what the
+    services bind and connect to; else a ValueError that shows `example`."""
+    if value is not None and not value.startswith(("tcp://", "ipc://")):
+        raise ValueError(f"must be a ZeroMQ endpoint like {example} or ipc://PATH")
+    return value
 
 
 def bind_address(listen: str) -> str:

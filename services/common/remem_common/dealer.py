@@ -5,6 +5,7 @@ that a poll loop drives without blocking."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -69,48 +70,62 @@ class RefusedRequest(Exception):
     """The server answered with an error reply: its code and detail. Each blocking client
     raises its own subclass, so a caller can tell which server refused."""
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str, parent_id: int = 0) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+        self.parent_id = parent_id  # the msg_id of the request refused
 
 
 class RequestDealer(BlockingDealer):
     """A BlockingDealer whose replies come one per request: send, receive, call.
 
     A subclass names its boundary's reply union (`reply_adapter`) and the exceptions a
-    timeout and an error reply become (`timeout_error`, `refused`)."""
+    timeout and an error reply become (`timeout_type`, `refused_type`; or, to build them
+    otherwise, `timeout_error` and `refused`)."""
 
     reply_adapter: ClassVar[TypeAdapter[Any]]
+    timeout_type: ClassVar[type[Exception]] = TimeoutError
+    refused_type: ClassVar[type[RefusedRequest]] = RefusedRequest
 
     def timeout_error(self, detail: str) -> Exception:
-        return TimeoutError(detail)
+        return self.timeout_type(detail)
 
     def refused(self, reply: ErrorReply) -> Exception:
-        return RuntimeError(f"{reply.error_code}: {reply.detail}")
+        return self.refused_type(reply.error_code, reply.detail, reply.parent_id)
 
     def send(self, msg: BaseModel, *payload: Any) -> None:
         self.socket.send_multipart(encode(msg, *payload), copy=False)
 
-    def receive(self, timeout: float | None = None) -> tuple[Any, list[Any]]:
-        """The next reply and its payload frames; raises on error replies and timeouts."""
+    def receive(
+        self, timeout: float | None = None, *, parent_id: int | None = None
+    ) -> tuple[Any, list[Any]]:
+        """The next reply and its payload frames; raises on error replies and timeouts.
+
+        With `parent_id`, replies to other requests are dropped on the way: the answers to
+        earlier calls that timed out, which would otherwise pass for this one's."""
         wait = self.timeout if timeout is None else timeout
-        # A blocking recv with a timeout, not poll + recv: on these VMs a zmq_poll wake-up
-        # adds ~100 us to every round trip.
-        self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(wait * 1000)))
-        try:
-            frames = self.socket.recv_multipart()
-        except zmq.Again:
-            raise self.timeout_error(f"no reply from {self.endpoint} in {wait}s") from None
-        reply, payload = decode(frames, self.reply_adapter)
-        if isinstance(reply, ErrorReply):
-            raise self.refused(reply)
-        return reply, payload
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            # A blocking recv with a timeout, not poll + recv: on these VMs a zmq_poll
+            # wake-up adds ~100 us to every round trip.
+            self.socket.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))
+            try:
+                frames = self.socket.recv_multipart()
+            except zmq.Again:
+                raise self.timeout_error(f"no reply from {self.endpoint} in {wait}s") from None
+            reply, payload = decode(frames, self.reply_adapter)
+            if parent_id is not None and reply.parent_id != parent_id:
+                continue
+            if isinstance(reply, ErrorReply):
+                raise self.refused(reply)
+            return reply, payload
 
     def call(self, msg: BaseModel, *payload: Any, timeout: float | None = None) -> Any:
         """Send one request and wait for its reply: (reply model, payload frames)."""
         self.send(msg, *payload)
-        return self.receive(timeout)
+        return self.receive(timeout, parent_id=getattr(msg, "msg_id", None))
 
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)

@@ -1,7 +1,8 @@
 """One lifecycle for every remem service process: validate, bind, ready, serve, drain, exit.
 
 A service's `cli.main` parses its flags (`remem_common.config.load_config`) and hands a
-`start` function to `run_service` (or, for an asyncio service, `run_service_async`):
+`start` function to `run_service` (or, for an asyncio service, `run_service_async`); a
+blocking service's `cli.main` is just `run_cli`, which does both:
 
     validate  `start` checks what the flags name (key files, an existing arena or mirror
               file); a `ConfigError` or a `KeyFileError` prints one line, exit status 2
@@ -27,6 +28,11 @@ signal only asks again: `remem up`'s children get the terminal's SIGINT and then
 SIGTERM, and must still drain. A signal that arrives while `start` still runs is kept: the
 service stops as soon as it exists, without a ready line.
 
+A service whose forced stop must be told apart from a kill passes `forced_exit`: the
+repeat then logs one line ("second signal: ...") and exits with that status at once
+(`os._exit`, no cleanup). The client does (130): under systemd its stop is a hand-over of
+its NBD connections, and a cut-short one must show in the status and the journal.
+
 From uvicorn's `Server` (startup / main_loop / shutdown, a second signal forces the exit)
 and nbdkit's callback lifecycle (config, config_complete, open, close).
 """
@@ -35,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
 import socket
 import sys
@@ -42,16 +50,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import zmq
 from prometheus_client import REGISTRY, start_http_server
 
-from remem_common.config import EXIT_CONFIG_ERROR
+from remem_common.config import EXIT_CONFIG_ERROR, ServiceConfig, load_config
+from remem_common.logs import setup_logging
 from remem_common.security import KeyFileError
 
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Iterable
     from types import FrameType
 
@@ -94,6 +103,7 @@ class AsyncServable(Protocol):
 
 
 ServiceT = TypeVar("ServiceT", Servable, AsyncServable)
+ConfigT = TypeVar("ConfigT", bound=ServiceConfig)
 
 
 @dataclass(frozen=True)
@@ -137,14 +147,19 @@ class StopSignals:
 
     Before a target is set (`start` still runs) a signal is only recorded; `set_target`
     passes it on.
+
+    With `forced_exit`, a repeat is handled instead of left to the kernel: it logs one line
+    on `log` and ends the process with that status (`os._exit`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, forced_exit: int | None = None, log: logging.Logger | None = None) -> None:
         self.received: int | None = None  # the first stop signal
         self._seen: set[int] = set()
         self._target: Callable[[], None] | None = None
         self._previous: dict[int, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._forced_exit = forced_exit
+        self._log = log or logging.getLogger(__name__)
 
     def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Handle the stop signals: with `signal.signal`, or through `loop` (asyncio)."""
@@ -175,26 +190,41 @@ class StopSignals:
         if signum in self._seen:
             # Only reached when the repeat still found this handler: asyncio queues signals
             # and runs the handlers later, from its loop. Die as the default action would.
+            if self._forced_exit is not None:
+                self._exit_forced(signum, frame)
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
         self._seen.add(signum)
         # The kernel's default from now on: a repeat needs no Python to act. (Nothing is
         # logged here: a handler that writes to stderr can interrupt a write in progress.)
-        signal.signal(signum, signal.SIG_DFL)
+        # With a forced exit status, a plain handler instead: it runs in the main thread
+        # between two bytecodes, so also while the event loop is stuck in a call.
+        signal.signal(signum, signal.SIG_DFL if self._forced_exit is None else self._exit_forced)
         if self.received is None:
             self.received = signum
             if self._target is not None:
                 self._target()
 
+    def _exit_forced(self, signum: int, frame: FrameType | None) -> None:
+        assert self._forced_exit is not None
+        # The one line is worth the risk of interrupting a write in progress: the process
+        # ends right after it either way.
+        with contextlib.suppress(Exception):
+            self._log.warning(
+                "second signal (%s): exiting without finishing the shutdown",
+                signal.Signals(signum).name,
+            )
+        os._exit(self._forced_exit)
+
 
 class Lifecycle:
     """What `start` uses: the cleanup stack, and the steps every service shares."""
 
-    def __init__(self, prog: str, log: logging.Logger) -> None:
+    def __init__(self, prog: str, log: logging.Logger, forced_exit: int | None = None) -> None:
         self.prog = prog
         self.log = log
-        self.signals = StopSignals()
+        self.signals = StopSignals(forced_exit, log)
         self._stack: ExitStack | AsyncExitStack | None = None
         self._serving_since: float | None = None  # set once start() returned
 
@@ -328,14 +358,45 @@ def run_service(
     return status[0]
 
 
+def run_cli(
+    argv: list[str] | None,
+    model: type[ConfigT],
+    start: Callable[[ConfigT, Lifecycle], Started[Servable]],
+    *,
+    prog: str,
+    env_prefix: str,
+    description: str,
+) -> int:
+    """The whole `cli.main` of a blocking service: parse its flags and environment into
+    `model` (`load_config`: one line and exit status 2 on a bad value), log at the config's
+    `log_level`, and `run_service` with `start(config, lifecycle)`.
+
+    Args:
+        prog: "remem SERVICE"; the service's logger is named SERVICE.
+        env_prefix, description: as `load_config` takes them.
+
+    Returns:
+        The process exit status.
+    """
+    config = load_config(model, argv, prog=prog, env_prefix=env_prefix, description=description)
+    log = setup_logging(prog.removeprefix("remem "), config.log_level)
+    return run_service(prog, log, partial(start, config))
+
+
 async def run_service_async(
     prog: str,
     log: logging.Logger,
     start: Callable[[Lifecycle], Awaitable[Started[AsyncServable]]],
+    *,
+    forced_exit: int | None = None,
 ) -> int:
     """`run_service` for an asyncio service: `start` and `serve` are awaited, cleanups may be
-    coroutines (`Lifecycle.async_callback`), and the signals arrive through the loop."""
-    lifecycle = Lifecycle(prog, log)
+    coroutines (`Lifecycle.async_callback`), and the signals arrive through the loop.
+
+    `forced_exit`: the status a repeated stop signal exits with, after one log line (None:
+    the repeat kills the process, as the kernel's default action does).
+    """
+    lifecycle = Lifecycle(prog, log, forced_exit)
     with lifecycle._outcome() as status:
         lifecycle.signals.install(asyncio.get_running_loop())
         async with AsyncExitStack() as stack:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from remem_common.dealer import RequestDealer
+from remem_common.dealer import RefusedRequest, RequestDealer
 from remem_common.protocol.client_mirror import (
     MIRROR_REPLY_ADAPTER,
     DescribeMirrorReply,
@@ -27,18 +27,11 @@ from remem_common.protocol.client_mirror import (
     WritePagesReply,
     WritePagesRequest,
 )
-from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray, unpack_pages
 
 
-class MirrorError(Exception):
+class MirrorError(RefusedRequest):
     """The mirror answered with an error reply."""
-
-    def __init__(self, code: ErrorCode, detail: str, parent_id: int = 0) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-        self.parent_id = parent_id
 
 
 class MirrorTimeout(Exception):
@@ -49,12 +42,8 @@ class MirrorClient(RequestDealer):
     """Blocking requests to one mirror over a DEALER socket."""
 
     reply_adapter = MIRROR_REPLY_ADAPTER
-
-    def timeout_error(self, detail: str) -> Exception:
-        return MirrorTimeout(detail)
-
-    def refused(self, reply: ErrorReply) -> Exception:
-        return MirrorError(reply.error_code, reply.detail, reply.parent_id)
+    timeout_type = MirrorTimeout
+    refused_type = MirrorError
 
     # -- requests --------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from remem_common.dealer import RefusedRequest, RequestDealer
 from remem_common.protocol.client_pageserver import (
+    DataReply,
     DeletePagesReply,
     DeletePagesRequest,
     GetPagesReply,
@@ -39,18 +40,11 @@ from remem_common.protocol.pageserver_placement import (
     ListInventoryRequest,
     PushSlabReply,
     PushSlabRequest,
+    SlabOrderReplies,
 )
 
-AnyReply = Annotated[
-    PutPagesReply
-    | GetPagesReply
-    | DeletePagesReply
-    | ListInventoryReply
-    | DropSlabReply
-    | PushSlabReply
-    | ErrorReply,
-    Field(discriminator="type"),
-]
+# A page server answers clients' data requests and placement's slab orders on one socket.
+AnyReply = Annotated[DataReply | SlabOrderReplies | ErrorReply, Field(discriminator="type")]
 REPLY_ADAPTER: TypeAdapter[AnyReply] = TypeAdapter(AnyReply)
 
 
@@ -66,12 +60,8 @@ class PageServerClient(RequestDealer):
     """Blocking requests to one page server over a DEALER socket."""
 
     reply_adapter = REPLY_ADAPTER
-
-    def timeout_error(self, detail: str) -> Exception:
-        return PageServerTimeout(detail)
-
-    def refused(self, reply: ErrorReply) -> Exception:
-        return PageServerError(reply.error_code, reply.detail)
+    timeout_type = PageServerTimeout
+    refused_type = PageServerError
 
     # -- page operations -------------------------------------------------------------------
 

@@ -8,13 +8,13 @@ this: its own asynchronous link to placement is `remem_client.placement_link.Pla
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from remem_common.dealer import BlockingDealer, RefusedRequest
-from remem_common.framing import decode, encode
+from remem_common.dealer import RefusedRequest, RequestDealer
 from remem_common.protocol.admin_placement import (
+    AdminReplies,
     DrainServerReply,
     DrainServerRequest,
     GetStatusReply,
@@ -23,6 +23,7 @@ from remem_common.protocol.admin_placement import (
 from remem_common.protocol.client_placement import (
     AllocateSlabReply,
     AllocateSlabRequest,
+    ClientReplies,
     GetMapReply,
     GetMapRequest,
     ReportFailureReply,
@@ -30,15 +31,8 @@ from remem_common.protocol.client_placement import (
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
 
-PlacementReply = Annotated[
-    AllocateSlabReply
-    | GetMapReply
-    | ReportFailureReply
-    | GetStatusReply
-    | DrainServerReply
-    | ErrorReply,
-    Field(discriminator="type"),
-]
+# Tools ask placement both as a client and as an admin.
+PlacementReply = Annotated[ClientReplies | AdminReplies | ErrorReply, Field(discriminator="type")]
 PLACEMENT_REPLY_ADAPTER: TypeAdapter[PlacementReply] = TypeAdapter(PlacementReply)
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
@@ -51,27 +45,22 @@ class PlacementRequestTimeout(Exception):
     """No reply within the timeout."""
 
 
-class BlockingPlacementClient(BlockingDealer):
+class BlockingPlacementClient(RequestDealer):
     """Blocking requests to placement over one DEALER socket."""
 
     default_timeout = 5.0
+    reply_adapter = PLACEMENT_REPLY_ADAPTER
+    refused_type = PlacementRequestError
 
-    def call(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
-        """Send `msg`, return its reply of type `expect` (stale replies are skipped)."""
-        self.socket.send_multipart(encode(msg))
-        wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
-        msg_id: Any = getattr(msg, "msg_id", None)
-        while True:
-            if not self.socket.poll(wait_ms):
-                raise PlacementRequestTimeout(f"no reply from placement at {self.endpoint}")
-            reply, _ = decode(self.socket.recv_multipart(), PLACEMENT_REPLY_ADAPTER)
-            if reply.parent_id != msg_id:
-                continue  # the answer to an earlier request that timed out
-            if isinstance(reply, ErrorReply):
-                raise PlacementRequestError(reply.error_code, reply.detail)
-            if not isinstance(reply, expect):
-                raise PlacementRequestError(ErrorCode.MALFORMED, f"unexpected reply {reply.type}")
-            return reply
+    def timeout_error(self, detail: str) -> Exception:
+        return PlacementRequestTimeout(f"placement: {detail}")
+
+    def ask(self, msg: BaseModel, expect: type[ReplyT], timeout: float | None = None) -> ReplyT:
+        """Send `msg`, return its reply, which must be of type `expect`."""
+        reply, _ = self.call(msg, timeout=timeout)
+        if not isinstance(reply, expect):
+            raise PlacementRequestError(ErrorCode.MALFORMED, f"unexpected reply {reply.type}")
+        return reply
 
     def allocate(
         self,
@@ -81,7 +70,7 @@ class BlockingPlacementClient(BlockingDealer):
         replicas: int = 2,
         known_replicas: list[str] | None = None,
     ) -> AllocateSlabReply:
-        return self.call(
+        return self.ask(
             AllocateSlabRequest(
                 msg_id=self.next_id(),
                 tenant=tenant,
@@ -94,7 +83,7 @@ class BlockingPlacementClient(BlockingDealer):
         )
 
     def get_map(self, tenant: str, volume: int, since_epoch: int = 0) -> GetMapReply:
-        return self.call(
+        return self.ask(
             GetMapRequest(
                 msg_id=self.next_id(), tenant=tenant, volume=volume, since_epoch=since_epoch
             ),
@@ -104,7 +93,7 @@ class BlockingPlacementClient(BlockingDealer):
     def report_failure(
         self, tenant: str, volume: int, slab: int, server_id: str, detail: str = ""
     ) -> ReportFailureReply:
-        return self.call(
+        return self.ask(
             ReportFailureRequest(
                 msg_id=self.next_id(),
                 tenant=tenant,
@@ -117,10 +106,10 @@ class BlockingPlacementClient(BlockingDealer):
         )
 
     def status(self) -> GetStatusReply:
-        return self.call(GetStatusRequest(msg_id=self.next_id()), GetStatusReply)
+        return self.ask(GetStatusRequest(msg_id=self.next_id()), GetStatusReply)
 
     def drain(self, server_id: str, *, cancel: bool = False) -> DrainServerReply:
-        return self.call(
+        return self.ask(
             DrainServerRequest(msg_id=self.next_id(), server_id=server_id, cancel=cancel),
             DrainServerReply,
         )

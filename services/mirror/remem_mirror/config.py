@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator
+from remem_common.config import zmq_endpoint
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.security import CurveSettings
 
+PROG = "remem mirror"
+DESCRIPTION = "Keep a local write-behind copy of every page-out."
 ENV_PREFIX = "REMEM_MIRROR_"
 
 DirectIO = Literal["auto", "on", "off"]
@@ -58,9 +61,7 @@ class MirrorConfig(CurveSettings):
     @field_validator("listen")
     @classmethod
     def _zmq_endpoint(cls, value: str) -> str:
-        if not value.startswith(("tcp://", "ipc://")):
-            raise ValueError("must be a ZeroMQ endpoint like tcp://127.0.0.1:7300 or ipc://PATH")
-        return value
+        return zmq_endpoint(value, "tcp://127.0.0.1:7300")
 
     @property
     def page_count(self) -> int:

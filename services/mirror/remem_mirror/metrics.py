@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from remem_common.protocol.envelope import MALFORMED_REASONS
-from remem_common.security import AuthMetrics
+from remem_common.metrics import SUB_MS_BUCKETS, ServiceMetrics
 
 OPS = (
     "describe",
@@ -21,13 +20,9 @@ OPS = (
     "mark_replicated",
     "list_unreplicated",
 )
-RESULTS = ("ok", "error")
 # An O_DIRECT write of a few pages or an fdatasync on an SSD takes tens to hundreds of
-# microseconds; the library's default buckets start at 5 ms.
-IO_BUCKETS = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0,
-)  # fmt: skip
+# microseconds.
+IO_BUCKETS = SUB_MS_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -78,23 +73,11 @@ class _StateCollector(Collector):
         )
 
 
-class MirrorMetrics:
+class MirrorMetrics(ServiceMetrics):
     """Every metric the mirror exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.auth = AuthMetrics(registry, "mirror")
-        self.requests = Counter(
-            "mirror_requests_total",
-            "Requests handled, by operation and result",
-            ["op", "result"],
-            registry=registry,
-        )
-        self.malformed = Counter(
-            "mirror_malformed_messages_total",
-            "Messages rejected as malformed, by reason",
-            ["reason"],
-            registry=registry,
-        )
+        super().__init__(registry, "mirror", OPS)
         self.written_bytes = Counter(
             "mirror_written_bytes_total", "Page bytes written to the device", registry=registry
         )
@@ -123,10 +106,6 @@ class MirrorMetrics:
             buckets=IO_BUCKETS,
             registry=registry,
         )
-        self.ok = {op: self.requests.labels(op, "ok") for op in OPS}
-        self.error = {op: self.requests.labels(op, "error") for op in OPS}
-        self.malformed_by = {reason: self.malformed.labels(reason) for reason in MALFORMED_REASONS}
-        self._registry = registry
 
     def watch(self, gauges: MirrorGauges) -> None:
         """Export the mirror's current state, read at each scrape."""

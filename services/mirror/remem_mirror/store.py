@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from remem_common.locking import lock_exclusive
 from remem_common.protocol.pages import PAGE_SIZE
 
 log = logging.getLogger("mirror")
@@ -202,11 +203,8 @@ class MirrorStore:
         block = existing is not None and stat.S_ISBLK(existing.st_mode)
         flags = os.O_RDWR | os.O_CLOEXEC | (0 if block else os.O_CREAT)
         fd, direct = self._open_direct(path, flags, mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MirrorStoreError(f"{path} is in use by another mirror") from None
+        if not lock_exclusive(fd):
+            raise MirrorStoreError(f"{path} is in use by another mirror")
         try:
             created = self._size_data(fd, path, block, forget, existing is None)
             if direct and not self._probe_direct(fd, path, mode):

@@ -66,7 +66,7 @@ def status_reply(cluster: Cluster, msg: GetStatusRequest) -> GetStatusReply:
             target=p.target,
             reason=p.reason,
             seconds=max(0.0, now - p.started),
-            copying=p.push_id not in cluster.waiting and p.push_id not in cluster.clearing,
+            copying=p.push_id in cluster.copying,
         )
         for p in cluster.pushes.values()
     ]

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
+from remem_common.config import zmq_endpoint
 from remem_common.protocol.pages import SLAB_BYTES
 from remem_common.security import CurveSettings
 
 from remem_placement.records import PolicySettings
 
+PROG = "remem placement"
+DESCRIPTION = "Control plane: page server registry, slab placement and repair."
 ENV_PREFIX = "REMEM_PLACEMENT_"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7000"
 
@@ -55,7 +58,12 @@ class PlacementConfig(CurveSettings):
         ge=0,
         description="longest a slab push waits for the volume's clients to poll the new map",
     )
-    max_pushes: int = Field(default=4, ge=1, le=256, description="slab pushes in flight")
+    max_pushes: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="slab pushes copying at once (more are prepared meanwhile)",
+    )
     replicas: int = Field(
         default=2, ge=1, le=8, description="replica target of slabs learned from inventories"
     )
@@ -72,9 +80,7 @@ class PlacementConfig(CurveSettings):
     @field_validator("listen", "publish")
     @classmethod
     def _zmq_endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("tcp://", "ipc://")):
-            raise ValueError("must be a ZeroMQ endpoint like tcp://127.0.0.1:7000 or ipc://PATH")
-        return value
+        return zmq_endpoint(value, "tcp://127.0.0.1:7000")
 
     @field_validator("prometheus_url")
     @classmethod

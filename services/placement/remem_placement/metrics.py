@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from remem_common.metrics import ServiceMetrics
 from remem_common.protocol.admin_placement import SERVER_STATES
-from remem_common.protocol.envelope import MALFORMED_REASONS
-from remem_common.security import AuthMetrics
 
 OPS = ("register", "heartbeat", "allocate", "get_map", "report_failure", "status", "drain")
-RESULTS = ("ok", "error")
 SLAB_STATES = ("healthy", "degraded", "lost")
 # An allocation is a sort over a handful of servers: tens of microseconds.
 ALLOCATION_BUCKETS = (
@@ -55,17 +53,11 @@ class _StateCollector(Collector):
         )
 
 
-class PlacementMetrics:
+class PlacementMetrics(ServiceMetrics):
     """Every metric placement exports; label children created up front."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.auth = AuthMetrics(registry, "placement")
-        self.requests = Counter(
-            "placement_requests_total",
-            "Requests handled, by operation and result",
-            ["op", "result"],
-            registry=registry,
-        )
+        super().__init__(registry, "placement", OPS)
         self.allocation_duration = Histogram(
             "placement_allocation_duration_seconds",
             "Time to answer one allocate_slab_request",
@@ -89,12 +81,6 @@ class PlacementMetrics:
             ["result"],
             registry=registry,
         )
-        self.malformed = Counter(
-            "placement_malformed_messages_total",
-            "Messages rejected as malformed, by reason",
-            ["reason"],
-            registry=registry,
-        )
         self.message_bytes = Counter(
             "placement_message_bytes_total",
             "Bytes of every message placement received or sent on its ZeroMQ sockets",
@@ -112,14 +98,10 @@ class PlacementMetrics:
             "replicas); none run during the restart grace",
             registry=registry,
         )
-        self.ok = {op: self.requests.labels(op, "ok") for op in OPS}
-        self.error = {op: self.requests.labels(op, "error") for op in OPS}
         self.push_ok = self.pushes.labels("ok")
         self.push_failed = self.pushes.labels("failed")
-        self.malformed_by = {reason: self.malformed.labels(reason) for reason in MALFORMED_REASONS}
         self.bytes_in = self.message_bytes.labels("in")
         self.bytes_out = self.message_bytes.labels("out")
-        self._registry = registry
 
     def watch(self, gauges: StateGauges) -> None:
         """Export the cluster's current state, read at each scrape."""

@@ -23,6 +23,10 @@ Rules, in one place:
   and is listed as filling only once it answered: the push never overwrites a page the
   target has (that page may be a newer client write), so an old page kept there would be
   served stale once the target became a replica.
+- At most `max_pushes` pushes copy at once, spread over the page servers (of the pushes
+  ready, the one whose servers copy least starts first). More are prepared meanwhile (target
+  cleared, listed as filling, waiting for clients to see it; `PLANNED_PER_SLOT`), so that
+  when a copy ends the next starts at once, not after another round of clients' map polls.
 - A dead server leaves every slab at once (a new epoch). A push that fails, or whose source
   or target dies, is abandoned and its target told to drop the partial copy, so that copy
   can never be mistaken for a replica later.
@@ -36,6 +40,7 @@ Rules, in one place:
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -54,6 +59,14 @@ from remem_placement.records import (
     VolumeKey,
 )
 
+# Pushes planned per copying slot: all but one a slot are prepared while others copy. Clients
+# confirm a map only at their next poll (a second or two), longer than copying a slab takes,
+# so with fewer prepared the copies of a large repair still waited for clients between waves.
+PLANNED_PER_SLOT = 4
+# What a running push costs its target and its source, relative to each other (`_release`).
+TARGET_LOAD = 2
+SOURCE_LOAD = 1
+
 
 class Cluster:
     """All of placement's state; one thread owns it (no locks)."""
@@ -68,6 +81,9 @@ class Cluster:
         self.changed: set[VolumeKey] = set()  # volumes whose map changed; server publishes
         self.pushes: dict[int, Push] = {}
         self.waiting: set[int] = set()  # planned, not yet ordered: clients must see the map
+        # Clients see the target: each waits for one of the `max_pushes` copying slots.
+        self.ready: list[int] = []
+        self.copying: set[int] = set()  # ordered to their sources
         # Planned pushes whose target has not yet confirmed it holds no old copy of the slab.
         self.clearing: set[int] = set()
         self.applied: dict[VolumeKey, int] = {}  # newest epoch a client of it said it applied
@@ -418,7 +434,7 @@ class Cluster:
         drops of leaving replicas that are no longer needed."""
         if self.in_grace(now):
             return [], []
-        budget = self.settings.max_pushes - len(self.pushes)
+        budget = PLANNED_PER_SLOT * self.settings.max_pushes - len(self.pushes)
         wanted: list[tuple[int, SlabKey]] = []
         drops: list[Drop] = []
         for key, slab in self.slabs.items():
@@ -472,17 +488,42 @@ class Cluster:
         too: a page written to the source alone after the push read it would be missing or
         stale on the new replica. So it waits until a client of the volume has polled the map
         that lists the target as filling (`map_applied`), or `map_settle` seconds (a volume
-        nobody polls has nobody writing to it).
+        nobody polls has nobody writing to it); then for a copying slot.
+
+        Which ready push takes a free slot: the one that leaves the busiest page server least
+        busy (ties: the oldest). A page server copies from one thread, so copies spread over
+        the servers finish sooner than copies piled on one; storing a pushed slab costs its
+        target about twice what reading and sending it costs its source (measured on
+        loopback), so a target counts double.
         """
-        ready = []
         for push_id in sorted(self.waiting):
             push = self.pushes[push_id]
             applied = self.applied.get((push.key[0], push.key[1]), 0)
             if applied >= push.epoch or now >= push.started + self.settings.map_settle:
-                ready.append(push)
-        for push in ready:
-            self.waiting.discard(push.push_id)
-        return ready
+                self.waiting.discard(push_id)
+                self.ready.append(push_id)
+        load: Counter[str] = Counter()
+        for push_id in self.copying:
+            push = self.pushes[push_id]
+            load[push.target] += TARGET_LOAD
+            load[push.source] += SOURCE_LOAD
+        starting: list[Push] = []
+        while self.ready and len(self.copying) < self.settings.max_pushes:
+            _, index = min(
+                (self._busiest_after(self.pushes[push_id], load), index)
+                for index, push_id in enumerate(self.ready)
+            )
+            push = self.pushes[self.ready.pop(index)]
+            load[push.target] += TARGET_LOAD
+            load[push.source] += SOURCE_LOAD
+            self.copying.add(push.push_id)
+            starting.append(push)
+        return starting
+
+    @staticmethod
+    def _busiest_after(push: Push, load: Counter[str]) -> int:
+        """The copying load of the busier of the push's two servers, were it started."""
+        return max(load[push.target] + TARGET_LOAD, load[push.source] + SOURCE_LOAD)
 
     def _release_leaving(self, key: SlabKey, slab: Slab) -> list[Drop]:
         drops = []
@@ -526,6 +567,9 @@ class Cluster:
         self.pushing.pop(push.key, None)
         self.waiting.discard(push.push_id)
         self.clearing.discard(push.push_id)
+        if push.push_id in self.ready:
+            self.ready.remove(push.push_id)
+        self.copying.discard(push.push_id)
         self.pushes_failed += 1
         slab = self.slabs[push.key]
         slab.retry_at = now + self.settings.retry_after
@@ -546,6 +590,7 @@ class Cluster:
             return self._abandon(push, now)
         self.pushes.pop(push_id)
         self.pushing.pop(push.key, None)
+        self.copying.discard(push_id)
         self.pushes_done += 1
         self.rereplicated_bytes += copied_bytes
         slab = self.slabs[push.key]

@@ -188,6 +188,7 @@ class PlacementServer:
 
     def serve_once(self, timeout_ms: int) -> None:
         events = dict(self.poller.poll(timeout_ms))
+        copying = len(self.cluster.copying)
         if self.router in events:
             self._drain_router()
         for sock in events:
@@ -201,8 +202,9 @@ class PlacementServer:
         self.orders.send_drops(drops)
         self._utilization(now)
         self.orders.expire(now)
-        if now >= self._next_plan:
-            # Planning walks every slab: at most every PLAN_INTERVAL, not per message.
+        if now >= self._next_plan or len(self.cluster.copying) < copying:
+            # Planning walks every slab: at most every PLAN_INTERVAL, not per message, but at
+            # once when a copy ended, so a prepared push takes its slot without a wait.
             self._next_plan = now + PLAN_INTERVAL
             pushes, drops = self.cluster.plan(now, wall)
             if not self.cluster.in_grace(now):

@@ -42,7 +42,8 @@ def render(status: GetStatusReply) -> str:
         lines.append(
             f"  {push.reason} {push.tenant}/{push.volume}/{push.slab}: "
             f"{push.source} -> {push.target} "
-            f"({'copying' if push.copying else 'waiting for clients'}, {push.seconds:.1f}s)"
+            f"({'copying' if push.copying else 'waiting for clients or a slot'}, "
+            f"{push.seconds:.1f}s)"
         )
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,8 @@ drain_server_request(server_id, cancel=False)
     moved). Draining an unknown server is `not_found`.
 
 A push in flight is first waiting (`copying` false) until a client of the volume has polled
-the map that lists the target as filling (or `--map-settle` passed), then copying.
+the map that lists the target as filling (or `--map-settle` passed) and one of placement's
+`--max-pushes` copying slots is free, then copying.
 
 Security (Curve, see `remem_common.security`): both requests need a key of role admin
 (`remem keys --role admin`); any other key is answered `forbidden`.
@@ -41,51 +42,39 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 
-from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
+from remem_common.protocol.client_pageserver import SlabRef
 from remem_common.protocol.envelope import Reply, Request
-from remem_common.protocol.pageserver_placement import Endpoint, ServerId, Zone
+from remem_common.protocol.pageserver_placement import Endpoint, MemoryUsage, ServerId, Zone
 
 ServerState = Literal["live", "suspect", "dead", "draining", "pressure"]
 SERVER_STATES: tuple[ServerState, ...] = ("live", "suspect", "dead", "draining", "pressure")
 
 
-class _Row(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ServerStatus(_Row):
+class ServerStatus(MemoryUsage):
     server_id: ServerId
     zone: Zone
     state: ServerState
     endpoint: Endpoint
-    used_bytes: int = Field(ge=0)
-    capacity_bytes: int = Field(ge=0)
     slabs: int = Field(ge=0)
     under_pressure: bool
     draining: bool
     utilization_from: Literal["register", "metrics"]
 
 
-class SlabStatus(_Row):
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
+class SlabStatus(SlabRef):
     target: int = Field(ge=1)
     replicas: list[ServerId]
     filling: list[ServerId]
 
 
-class PushStatus(_Row):
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
+class PushStatus(SlabRef):
     source: ServerId
     target: ServerId
     reason: Literal["repair", "drain", "pressure"]
     seconds: float = Field(ge=0)
-    copying: bool  # False: waiting for the volume's clients to apply the map first
+    copying: bool  # False: waiting for the volume's clients to apply the map, or for a slot
 
 
 class GetStatusRequest(Request):
@@ -120,10 +109,13 @@ class DrainServerReply(Reply):
 
 AdminRequest = Annotated[GetStatusRequest | DrainServerRequest, Field(discriminator="type")]
 ADMIN_REQUEST_ADAPTER: TypeAdapter[AdminRequest] = TypeAdapter(AdminRequest)
+# The replies, for the unions of the clients that send these requests.
+AdminReplies = GetStatusReply | DrainServerReply
 
 __all__ = [
     "ADMIN_REQUEST_ADAPTER",
     "SERVER_STATES",
+    "AdminReplies",
     "DrainServerReply",
     "DrainServerRequest",
     "Endpoint",

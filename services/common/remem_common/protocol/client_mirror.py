@@ -88,7 +88,7 @@ from __future__ import annotations
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError, Reply, Request
 
@@ -101,6 +101,22 @@ EXTENT = struct.Struct("<QQ")  # first_page, count
 
 PageNumber = Annotated[int, Field(ge=0, lt=2**40)]
 MirrorPageCount = Annotated[int, Field(ge=1, le=MAX_MIRROR_PAGES)]
+
+
+class PageSpan(BaseModel):
+    """Any run of `count` pages from `first_page` (a mixin, as `client_pageserver.VolumeRef`):
+    what a trim or a mark covers, however long."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    first_page: PageNumber
+    count: Annotated[int, Field(ge=1, lt=2**40)]
+
+
+class PageRun(PageSpan):
+    """A run whose pages travel in the message or its reply: 1..MAX_MIRROR_PAGES pages."""
+
+    count: MirrorPageCount
 
 
 class DescribeMirrorRequest(Request):
@@ -137,12 +153,10 @@ class DetachMirrorReply(Reply):
     type: Literal["detach_mirror_reply"] = "detach_mirror_reply"
 
 
-class WritePagesRequest(Request):
+class WritePagesRequest(PageRun, Request):
     """Write `count` pages from `first_page`. Payload: data (count x 4096 bytes)."""
 
     type: Literal["write_pages_request"] = "write_pages_request"
-    first_page: PageNumber
-    count: MirrorPageCount
     replicated: bool = True
     sync: bool = False
 
@@ -160,10 +174,8 @@ class WritePagesReply(Reply):
     written: int = Field(ge=0)
 
 
-class ReadPagesRequest(Request):
+class ReadPagesRequest(PageRun, Request):
     type: Literal["read_pages_request"] = "read_pages_request"
-    first_page: PageNumber
-    count: MirrorPageCount
 
 
 class ReadPagesReply(Reply):
@@ -173,20 +185,16 @@ class ReadPagesReply(Reply):
     count: int = Field(ge=0)
 
 
-class TrimPagesRequest(Request):
+class TrimPagesRequest(PageSpan, Request):
     type: Literal["trim_pages_request"] = "trim_pages_request"
-    first_page: PageNumber
-    count: Annotated[int, Field(ge=1, lt=2**40)]
 
 
 class TrimPagesReply(Reply):
     type: Literal["trim_pages_reply"] = "trim_pages_reply"
 
 
-class MarkReplicatedRequest(Request):
+class MarkReplicatedRequest(PageSpan, Request):
     type: Literal["mark_replicated_request"] = "mark_replicated_request"
-    first_page: PageNumber
-    count: Annotated[int, Field(ge=1, lt=2**40)]
 
 
 class MarkReplicatedReply(Reply):

@@ -49,7 +49,7 @@ import json
 import time
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.envelope import PROTOCOL_VERSION, Reply, Request
 from remem_common.protocol.pages import MAX_BATCH_PAGES
@@ -63,13 +63,32 @@ SlabId = Annotated[int, Field(ge=0, lt=2**32)]
 PageCount = Annotated[int, Field(ge=1, le=MAX_BATCH_PAGES)]
 
 
-class PutPagesRequest(Request):
+class VolumeRef(BaseModel):
+    """The fields that name one volume of one tenant, shared by every message and row about
+    it (a mixin: `class GetMapRequest(VolumeRef, Request)`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: Tenant
+    volume: VolumeId
+
+
+class SlabRef(VolumeRef):
+    """The fields that name one slab of a volume."""
+
+    slab: SlabId
+
+
+class PagesRequest(VolumeRef, Request):
+    """Base of the data-plane requests: `count` pages of one volume, keys in the payload."""
+
+    count: PageCount
+
+
+class PutPagesRequest(PagesRequest):
     """Store `count` pages. Payload: keys, checksums, data, seals."""
 
     type: Literal["put_pages_request"] = "put_pages_request"
-    tenant: Tenant
-    volume: VolumeId
-    count: PageCount
 
 
 class PutPagesReply(Reply):
@@ -77,13 +96,10 @@ class PutPagesReply(Reply):
     stored: int = Field(ge=0)
 
 
-class GetPagesRequest(Request):
+class GetPagesRequest(PagesRequest):
     """Read `count` pages. Payload: keys."""
 
     type: Literal["get_pages_request"] = "get_pages_request"
-    tenant: Tenant
-    volume: VolumeId
-    count: PageCount
 
 
 class GetPagesReply(Reply):
@@ -94,13 +110,10 @@ class GetPagesReply(Reply):
     count: int = Field(ge=0)
 
 
-class DeletePagesRequest(Request):
+class DeletePagesRequest(PagesRequest):
     """Free `count` pages (trim). Payload: keys."""
 
     type: Literal["delete_pages_request"] = "delete_pages_request"
-    tenant: Tenant
-    volume: VolumeId
-    count: PageCount
 
 
 class DeletePagesReply(Reply):
@@ -112,6 +125,8 @@ DataRequest = Annotated[
     PutPagesRequest | GetPagesRequest | DeletePagesRequest, Field(discriminator="type")
 ]
 DATA_REQUEST_ADAPTER: TypeAdapter[DataRequest] = TypeAdapter(DataRequest)
+# The replies, for the unions of the clients that send these requests.
+DataReply = PutPagesReply | GetPagesReply | DeletePagesReply
 
 
 # -- hot-path header encoders --------------------------------------------------------------

@@ -81,7 +81,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
+from remem_common.protocol.client_pageserver import SlabId, SlabRef, VolumeRef
 from remem_common.protocol.envelope import ErrorReply, Reply, Request
 from remem_common.protocol.pageserver_placement import CurveKey, Endpoint, ServerId
 
@@ -101,41 +101,31 @@ class ReplicaRef(BaseModel):
     public_key: CurveKey | None = None  # with Curve: the page server's public key
 
 
-class AllocateSlabRequest(Request):
+class AllocateSlabRequest(SlabRef, Request):
     """Place a slab on `replicas` page servers (or answer where it already is)."""
 
     type: Literal["allocate_slab_request"] = "allocate_slab_request"
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     replicas: int = Field(default=2, ge=1, le=MAX_REPLICAS)
     known_replicas: list[ServerId] = Field(default_factory=list, max_length=MAX_REPLICAS)
 
 
-class AllocateSlabReply(Reply):
+class AllocateSlabReply(SlabRef, Reply):
     type: Literal["allocate_slab_reply"] = "allocate_slab_reply"
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     replicas: list[ReplicaRef]
     filling: list[ReplicaRef] = Field(default_factory=list)
     degraded: bool
     epoch: int = Field(ge=0)
 
 
-class GetMapRequest(Request):
+class GetMapRequest(VolumeRef, Request):
     """The slab map of one volume, if it changed after `since_epoch`."""
 
     type: Literal["get_map_request"] = "get_map_request"
-    tenant: Tenant
-    volume: VolumeId
     since_epoch: int = Field(default=0, ge=0)
 
 
-class GetMapReply(Reply):
+class GetMapReply(VolumeRef, Reply):
     type: Literal["get_map_reply"] = "get_map_reply"
-    tenant: Tenant
-    volume: VolumeId
     epoch: int = Field(ge=0)
     changed: bool
     servers: dict[ServerId, Endpoint] = Field(default_factory=dict)
@@ -144,13 +134,10 @@ class GetMapReply(Reply):
     degraded: list[SlabId] = Field(default_factory=list)
 
 
-class ReportFailureRequest(Request):
+class ReportFailureRequest(SlabRef, Request):
     """A replica failed a client's request (timeout, error, bad checksum)."""
 
     type: Literal["report_failure_request"] = "report_failure_request"
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     server_id: ServerId
     detail: str = Field(default="", max_length=512)
     missed_write: bool = False
@@ -162,15 +149,11 @@ class ReportFailureReply(Reply):
     epoch: int = Field(ge=0)
 
 
-class MapChangedNotice(BaseModel):
+class MapChangedNotice(VolumeRef):
     """Published on the PUB socket (not a request): the volume's map is now at `epoch`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: Literal["map_changed_notice"] = "map_changed_notice"
     version: Literal[1] = 1
-    tenant: Tenant
-    volume: VolumeId
     epoch: int = Field(ge=0)
 
 
@@ -184,7 +167,7 @@ ClientRequest = Annotated[
 ]
 CLIENT_REQUEST_ADAPTER: TypeAdapter[ClientRequest] = TypeAdapter(ClientRequest)
 
-ClientReply = Annotated[
-    AllocateSlabReply | GetMapReply | ReportFailureReply | ErrorReply, Field(discriminator="type")
-]
+# The replies, for the unions of the clients that send these requests.
+ClientReplies = AllocateSlabReply | GetMapReply | ReportFailureReply
+ClientReply = Annotated[ClientReplies | ErrorReply, Field(discriminator="type")]
 CLIENT_REPLY_ADAPTER: TypeAdapter[ClientReply] = TypeAdapter(ClientReply)

@@ -30,19 +30,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from remem_common.protocol.client_pageserver import PageCount, SlabId, Tenant, VolumeId
+from remem_common.protocol.client_pageserver import PageCount, SlabRef
 from remem_common.protocol.envelope import ErrorReply, Reply, Request
 from remem_common.protocol.pageserver_placement import ServerId
 
 
-class ReceiveSlabPagesRequest(Request):
+class ReceiveSlabPagesRequest(SlabRef, Request):
     """One chunk of a slab push. Payload: page indices, checksums, data, seals."""
 
     type: Literal["receive_slab_pages_request"] = "receive_slab_pages_request"
     source_server: ServerId
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     count: PageCount
     overwrite: bool = False
 

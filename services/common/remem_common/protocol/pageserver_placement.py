@@ -45,7 +45,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
-from remem_common.protocol.client_pageserver import SlabId, Tenant, VolumeId
+from remem_common.protocol.client_pageserver import SlabRef
 from remem_common.protocol.envelope import ErrorReply, Reply, Request
 
 ServerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
@@ -71,15 +71,23 @@ Zone = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]
 CurveKey = Annotated[str, Field(pattern=r"^[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}$")]
 
 
-class RegisterServerRequest(Request):
+class MemoryUsage(BaseModel):
+    """A page server's RAM for pages: what it donates and what its pages take (a mixin, as
+    `client_pageserver.VolumeRef`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    capacity_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+
+
+class RegisterServerRequest(MemoryUsage, Request):
     """A page server announces itself (again after any restart of either side)."""
 
     type: Literal["register_server_request"] = "register_server_request"
     server_id: ServerId
     data_endpoint: Endpoint
     metrics_url: str = Field(max_length=256)
-    capacity_bytes: int = Field(ge=0)
-    used_bytes: int = Field(ge=0)
     zone: Zone
     started_at: float
     public_key: CurveKey | None = None  # with Curve: the key of its data endpoint
@@ -90,13 +98,11 @@ class RegisterServerReply(Reply):
     heartbeat_interval: float = Field(gt=0)
 
 
-class HeartbeatRequest(Request):
+class HeartbeatRequest(MemoryUsage, Request):
     """I am alive; `under_pressure` asks placement to move slabs off (host needs its RAM)."""
 
     type: Literal["heartbeat_request"] = "heartbeat_request"
     server_id: ServerId
-    used_bytes: int = Field(ge=0)
-    capacity_bytes: int = Field(ge=0)
     under_pressure: bool = False
 
 
@@ -107,14 +113,9 @@ class HeartbeatReply(Reply):
     registered: bool = True
 
 
-class SlabInventory(BaseModel):
+class SlabInventory(SlabRef):
     """One slab a page server holds."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     pages: int = Field(ge=0)
 
 
@@ -128,11 +129,8 @@ class ListInventoryReply(Reply):
     slabs: list[SlabInventory]
 
 
-class DropSlabRequest(Request):
+class DropSlabRequest(SlabRef, Request):
     type: Literal["drop_slab_request"] = "drop_slab_request"
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
 
 
 class DropSlabReply(Reply):
@@ -140,13 +138,10 @@ class DropSlabReply(Reply):
     dropped: int = Field(ge=0)
 
 
-class PushSlabRequest(Request):
+class PushSlabRequest(SlabRef, Request):
     """Copy one slab to another page server directly (re-replication, drain)."""
 
     type: Literal["push_slab_request"] = "push_slab_request"
-    tenant: Tenant
-    volume: VolumeId
-    slab: SlabId
     target_endpoint: Endpoint
     target_public_key: CurveKey | None = None  # with Curve: the target's server key
     timeout: float = Field(default=10.0, gt=0, le=600)
@@ -165,9 +160,9 @@ SlabOrder = Annotated[
 ]
 SLAB_ORDER_ADAPTER: TypeAdapter[SlabOrder] = TypeAdapter(SlabOrder)
 
-SlabOrderReply = Annotated[
-    ListInventoryReply | DropSlabReply | PushSlabReply | ErrorReply, Field(discriminator="type")
-]
+# The replies to slab orders, for the unions of the clients that send them.
+SlabOrderReplies = ListInventoryReply | DropSlabReply | PushSlabReply
+SlabOrderReply = Annotated[SlabOrderReplies | ErrorReply, Field(discriminator="type")]
 SLAB_ORDER_REPLY_ADAPTER: TypeAdapter[SlabOrderReply] = TypeAdapter(SlabOrderReply)
 
 ControlRequest = Annotated[RegisterServerRequest | HeartbeatRequest, Field(discriminator="type")]
