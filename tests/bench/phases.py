@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,41 +101,35 @@ def parse_perf_script(text: str) -> Trace:
     return trace
 
 
-def on_cpu(trace: Trace, threads: set[int], start: float, end: float) -> float:
-    """Seconds the `threads` together spent on a CPU within [start, end)."""
-    total = 0.0
+def running_within(
+    trace: Trace, threads: set[int], start: float, end: float
+) -> Iterator[tuple[float, float]]:
+    """Each interval one of `threads` spent on a CPU, clipped to [start, end)."""
     for tid in threads:
         intervals = trace.running.get(tid)
         if not intervals:
             continue
         # A thread's intervals are in time order and do not overlap: start from the last
-        # one that began before `start` (thousands of chains x thousands of intervals).
+        # one that began before `start` (thousands of requests x thousands of intervals).
         index = max(bisect.bisect_right(intervals, (start, math.inf)) - 1, 0)
         for at in range(index, len(intervals)):
             began, ended = intervals[at]
             if began >= end:
                 break
             if ended > start:
-                total += min(ended, end) - max(began, start)
-    return total
+                yield max(began, start), min(ended, end)
+
+
+def on_cpu(trace: Trace, threads: set[int], start: float, end: float) -> float:
+    """Seconds the `threads` together spent on a CPU within [start, end) (summed)."""
+    return sum(ended - began for began, ended in running_within(trace, threads, start, end))
 
 
 def busy_union(trace: Trace, threads: set[int], start: float, end: float) -> float:
     """Seconds within [start, end) when at least one of `threads` was on a CPU."""
-    clipped: list[tuple[float, float]] = []
-    for tid in threads:
-        intervals = trace.running.get(tid)
-        if not intervals:
-            continue
-        index = max(bisect.bisect_right(intervals, (start, math.inf)) - 1, 0)
-        for at in range(index, len(intervals)):
-            began, ended = intervals[at]
-            if began >= end:
-                break
-            if ended > start:
-                clipped.append((max(began, start), min(ended, end)))
+    clipped = sorted(running_within(trace, threads, start, end))
     total, reach = 0.0, start
-    for began, ended in sorted(clipped):
+    for began, ended in clipped:
         if ended > reach:
             total += ended - max(began, reach)
             reach = ended

@@ -542,6 +542,9 @@ def _what_section(settings: dict[str, Any]) -> list[str]:
         "- **Page server overhead**: `remem_pageserver.bench` (`make bench-pageserver`),"
         f" {settings.get('pageserver_pages', 0):,} pages put into one page server; its RSS"
         " minus the page bytes, over the page bytes (the Python process itself included).",
+        "- **QD1 read breakdown**: tests/bench/phases.py; per request (fio wake-up to fio"
+        " wake-up) the median time each process spent on a CPU, from the kernel's scheduler"
+        " events, and the time none ran.",
         "- **Kernel swap**: tests/system/kernel_swap.py's hog under a memory cgroup; the hog's"
         " own wall time from its first write to its last check (`hog s`).",
         "",
