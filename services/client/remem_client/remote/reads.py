@@ -234,7 +234,8 @@ class ReplicaReads(Part):
                 data = self._open(slab, sub, data, seals, good)
             if good.all() and todo.all():
                 stats.pages_read_remote += wanted
-                self._report_lacking(lacking, held | found, slab)
+                if lacking:  # nearly always empty: no array made for it
+                    self._report_lacking(lacking, held | found, slab)
                 return data
             positions = np.flatnonzero(todo)
             held[positions[found]] = True
