@@ -191,7 +191,7 @@ def test_a_session_with_a_failed_write_does_not_end_clean(
     def broken(*args: object) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(writer.store, "write_run", broken)
+    monkeypatch.setattr(writer.store, "write_pages", broken)
     replies = replies_of(
         writer.execute([write_op(0, pages_of(1, 2)), op(DetachMirrorRequest(msg_id=3))])
     )
@@ -322,7 +322,7 @@ def test_an_io_error_answers_unavailable_with_the_errno(
     def broken(first: int, chunks: object) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(writer.store, "write_run", broken)
+    monkeypatch.setattr(writer.store, "write_pages", broken)
     ops = [write_op(0, pages_of(1, 6)), op(ReadPagesRequest(msg_id=77, first_page=0, count=1))]
     (failed, _), (read, _) = replies_of(writer.execute(ops))
     assert isinstance(failed, ErrorReply) and failed.error_code == ErrorCode.UNAVAILABLE

@@ -10,7 +10,9 @@ from pathlib import Path
 import crc32c
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from remem_client.sealing import (
+    BATCH_LAYOUT_PAGES,
     NONCE_LIMIT,
     STATE_MAGIC,
     STATE_RECORD,
@@ -91,6 +93,47 @@ def test_tampering_and_misplacement_fail_authentication(sealer: PageSealer, key_
     # And the untouched batch still opens.
     out, failed = open_rows(sealer, 0, [10, 11, 12], cipher, seals)
     assert failed == [] and np.array_equal(out, plain)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, BATCH_LAYOUT_PAGES, BATCH_LAYOUT_PAGES + 1, 256])
+def test_batches_seal_as_single_pages_and_open_in_place_unchanged(
+    sealer: PageSealer, key_path: Path, count: int
+) -> None:
+    """Large batches are laid out without per-page copies (tags beside their ciphertext, in
+    the next row), small ones go page by page: either way each page is AES-GCM of its own
+    nonce and place, and opening from a writable buffer leaves it as it was, tampered rows
+    or not."""
+    first = SLAB_PAGES - 2 if count < 4 else 5
+    plain = random_pages(count, count)
+    cipher, seals = sealer.seal(first, plain)
+    aead = AESGCM(_key_of(key_path))
+    for row in range(count):
+        page = first + row
+        aad = b"remem-page-v1\0\x01t" + (3).to_bytes(4, "little")
+        aad += (page // SLAB_PAGES).to_bytes(4, "little") + (page % SLAB_PAGES).to_bytes(
+            4, "little"
+        )
+        sealed = aead.encrypt(bytes(seals[row, :12]), plain[row].tobytes(), aad)
+        assert sealed == cipher[row].tobytes() + seals[row, 12:].tobytes()
+    if (first + count - 1) // SLAB_PAGES != first // SLAB_PAGES:
+        return  # a batch across slabs opens slab by slab (test_round_trip_...)
+    pages = list(range(first % SLAB_PAGES, first % SLAB_PAGES + count))
+    slab = first // SLAB_PAGES
+    tampered = cipher.copy()
+    bad = sorted({0, count // 2, count - 1})
+    tampered[bad, 7] ^= 0x40
+    for buffer, expect in ((cipher, []), (tampered, bad)):
+        before = buffer.copy()
+        read_only = np.frombuffer(buffer.tobytes(), dtype=np.uint8).reshape(count, PAGE_SIZE)
+        for given in (buffer, read_only):  # opened in place, and copying
+            out, failed = open_rows(sealer, slab, pages, given, seals)
+            assert failed == expect
+            good = np.setdiff1d(np.arange(count), expect)
+            assert np.array_equal(out[good], plain[good])
+        assert np.array_equal(buffer, before)
+        assert (
+            open_rows(sealer, slab, range(pages[0], pages[0] + count), buffer, seals)[1] == expect
+        )
 
 
 def _key_of(key_path: Path) -> bytes:

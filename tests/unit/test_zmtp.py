@@ -22,6 +22,7 @@ from remem_client.zmtp import (
     ready_command,
     zmtp_buffers,
 )
+from remem_common.zmtp import LARGE_FRAMES_PER_BUFFER
 
 # Sizes either side of every boundary of the framing: empty, the short/long size switch at
 # 256, the 256 KiB receive buffer, and a 4 MiB page batch.
@@ -260,6 +261,28 @@ def test_the_reader_hands_out_frames_that_later_reads_never_overwrite() -> None:
         kept += reader.advance(n)
     assert commands == [b"READY"]
     assert [bytes(frames[0]) for frames in kept] == bodies
+
+
+def test_large_frames_share_buffers_made_with_room_for_the_next_ones() -> None:
+    """A stream of 1 MiB replies read as the kernel hands it over (about 200 KiB a read):
+    a buffer made for a large frame takes the next ones too, so only a few are made (and
+    only the frames that straddle a buffer's end are moved)."""
+    reader = FrameReader(lambda name, props: None)
+    messages = [[b"h" * 60, os.urandom(1 << 20), b"s" * 7168] for _ in range(12)]
+    stream = GREETING + ready_command(b"ROUTER")
+    for frames in messages:
+        stream += b"".join(bytes(part) for part in zmtp_buffers(frames))
+    received = []
+    at = 0
+    while at < len(stream):
+        buf = reader.buffer()
+        n = min(len(buf), 200_000, len(stream) - at)
+        buf[:n] = stream[at : at + n]
+        at += n
+        received += reader.advance(n)
+    assert [[bytes(frame) for frame in frames] for frames in received] == messages
+    buffers = {id(frames[1].obj) for frames in received}
+    assert len(buffers) <= len(messages) // LARGE_FRAMES_PER_BUFFER + 2
 
 
 def test_a_strided_array_is_sent_as_its_bytes_in_order() -> None:

@@ -1,4 +1,4 @@
-"""remem_pageserver.zmtp_router against libzmq itself: pyzmq DEALER and REQ sockets must not
+"""remem_common.zmtp_router against libzmq itself: pyzmq DEALER and REQ sockets must not
 tell it from a libzmq ROUTER, over ipc and tcp, and nothing a peer sends may take it down."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import queue
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from remem_common.zmtp import (
     ready_command,
     zmtp_buffers,
 )
-from remem_pageserver.zmtp_router import ZmtpRouter, speaks_zmtp
+from remem_common.zmtp_router import ZmtpRouter, speaks_zmtp
 
 # Sizes either side of every boundary of the framing: empty, the short/long size switch at
 # 256, the 256 KiB receive buffer, and a 4 MiB page batch.
@@ -417,3 +418,85 @@ def wait_for(condition: Callable[[], bool], timeout: float = WAIT) -> None:
             return
         done.wait(0.01)
     raise AssertionError("condition not met in time")
+
+
+def serve_until(
+    router: ZmtpRouter, handle: Callable[[list[Any]], None], done: Callable[[], bool]
+) -> None:
+    """Serve from this thread until `done()` (the test fails after WAIT seconds)."""
+    deadline = time.monotonic() + WAIT
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        router.serve(handle, 20)
+
+
+def test_kept_frames_stay_valid_while_later_messages_arrive(
+    transport: str, tmp_path: Path, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    # The mirror queues frames for its writer thread: they must not be overwritten by what
+    # the router reads next.
+    router = ZmtpRouter(keep_frames=True)
+    dealer = socket_of(zmq_context, zmq.DEALER, router.bind(endpoint_of(transport, tmp_path)))
+    try:
+        sent = [[b"", os.urandom(size)] for size in SIZES * 3]
+        kept: list[list[Any]] = []
+        for message in sent:
+            dealer.send_multipart(message)
+        serve_until(router, kept.append, lambda: len(kept) == len(sent))
+        assert [[bytes(frame) for frame in frames[1:]] for frames in kept] == sent
+    finally:
+        dealer.close()
+        router.close()
+
+
+def test_drain_stops_after_the_reads_asked_for(
+    tmp_path: Path, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    router = ZmtpRouter()
+    endpoint = router.bind(endpoint_of("ipc", tmp_path))
+    dealers = [socket_of(zmq_context, zmq.DEALER, endpoint) for _ in range(2)]
+    try:
+        got: list[bytes] = []
+        for index, dealer in enumerate(dealers):  # handshakes first
+            dealer.send_multipart([b"", b"hello %d" % index])
+        serve_until(router, lambda frames: got.append(bytes(frames[-1])), lambda: len(got) == 2)
+        for index, dealer in enumerate(dealers):
+            dealer.send_multipart([b"", b"again %d" % index])
+        # Both connections readable: their events stay pending (level-triggered) until read.
+        deadline = time.monotonic() + WAIT
+        while len(router._epoll.poll(0.02)) < 2:
+            assert time.monotonic() < deadline, "timed out"
+        assert router.drain(lambda frames: got.append(bytes(frames[-1])), 1) == 1
+        assert len(got) == 3
+        serve_until(router, lambda frames: got.append(bytes(frames[-1])), lambda: len(got) == 4)
+    finally:
+        for dealer in dealers:
+            dealer.close()
+        router.close()
+
+
+def test_send_all_answers_every_peer_and_close_lingers_for_the_rest(
+    transport: str, tmp_path: Path, zmq_context: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    router = ZmtpRouter()
+    endpoint = router.bind(endpoint_of(transport, tmp_path))
+    dealers = [socket_of(zmq_context, zmq.DEALER, endpoint) for _ in range(2)]
+    try:
+        received: list[list[Any]] = []
+        for index, dealer in enumerate(dealers):
+            dealer.send_multipart([b"", b"%d" % index])
+        serve_until(
+            router,
+            lambda frames: received.append([bytes(f) for f in frames]),
+            lambda: len(received) == 2,
+        )
+        big = os.urandom(8 << 20)  # more than a socket buffer: left queued when sent
+        replies = [[routing, b"", b"reply", big] for routing, *_ in received for _ in range(2)]
+        assert router.send_all(replies) == 0
+        router.close(linger_ms=int(WAIT * 1000))  # what is still queued leaves first
+        for dealer in dealers:
+            for _ in range(2):
+                assert dealer.recv_multipart() == [b"", b"reply", big]
+    finally:
+        for dealer in dealers:
+            dealer.close()

@@ -35,6 +35,11 @@ Optional attributes, read with `getattr(backend, name, False)`:
   None throughout, so such a backend must never use `asyncio.timeout()` or anything else
   that needs a current task, `asyncio.wait_for` included (Python 3.12 builds it on
   `asyncio.timeout()`): time out with `loop.call_later`. `asyncio.wait` is fine.
+* `start_read(offset, length)` (with `task_free`): a READ begun without a coroutine. It
+  gives the bytes; a coroutine that completes the read; None, having done nothing (the NBD
+  layer then runs `pread`); or an object whose `future` the read waits on and whose
+  `finish(future)` then gives the bytes or a coroutine that completes the read. A remote
+  4 KiB read then costs a callback, not a coroutine resumed (`RemoteBackend.start_read`).
 """
 
 from __future__ import annotations

@@ -20,15 +20,15 @@ the implementation once, when the link opens, so nothing on the hot path branche
 
 `Link`: the base of the links, which builds the two from what each link names.
 
-`PendingRequests`: ids for requests, each sent request's future and expiry timer by
+`PendingRequests`: ids for requests, each sent request's future and deadline by
 msg_id, and replies decoded and matched to their request by parent_id. A request expires
 at most once, and then its link decides what fails. Dropped replies are counted in the
 client's `MalformedReplies` under the link's peer: one that does not decode, or a ZMTP
 violation of the peer, in `client_malformed_messages_total{peer,reason}`; one whose request
 is no longer waiting (expired, failed or abandoned) in `client_late_replies_total{peer}`.
 
-Per request batch the table costs two method calls and a timer, as the hand-written tables
-it replaced did; per page nothing.
+Per request batch the table costs two method calls and a dict entry (one timer serves the
+whole table); per page nothing.
 """
 
 from __future__ import annotations
@@ -269,12 +269,18 @@ class LibzmqDealer:
 
 
 class PendingRequests(Generic[ReplyT]):
-    """The requests one link sent and waits for: msg_id -> (future, expiry timer).
+    """The requests one link sent and waits for: msg_id -> (future, deadline).
 
     A link takes an id (`next_id`), sends, and registers the request's future (`add`); each
-    message received goes through `take`, which hands back the reply with its request's
-    future, or None for a reply the link must drop (counted here). The future is the link's
-    to resolve: `take` and expiry only take it out of the table.
+    message received goes through `take` (or, for a header the link already read,
+    `take_answered`), which hands back the reply with its request's future, or None for a
+    reply the link must drop (counted here). The future is the link's to resolve: `take`
+    and expiry only take it out of the table.
+
+    Expiry: one timer for the table, not one per request. Every request waits the same
+    `timeout`, so the table (in sending order) is in deadline order: the timer is set for
+    the oldest request's deadline, expires what is due when it fires and is set again for
+    the oldest left. A request answered in time costs a dict insert and pop, no timer.
     """
 
     def __init__(
@@ -304,8 +310,10 @@ class PendingRequests(Generic[ReplyT]):
         self._on_expire = on_expire
         self._malformed = malformed
         self._loop = asyncio.get_running_loop()
+        self._time = self._loop.time
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        self._timer: asyncio.TimerHandle | None = None  # set for the oldest deadline
 
     def __len__(self) -> int:
         """Requests waiting."""
@@ -317,14 +325,14 @@ class PendingRequests(Generic[ReplyT]):
 
     def add(self, msg_id: int, future: asyncio.Future[Any]) -> None:
         """Wait for the reply to request `msg_id`, just sent, for at most `timeout` seconds."""
-        timer = self._loop.call_later(self.timeout, self._expire, msg_id)
-        self._waiting[msg_id] = (future, timer)
+        deadline = self._time() + self.timeout
+        self._waiting[msg_id] = (future, deadline)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire_due)
 
     def discard(self, msg_id: int) -> None:
         """Stop waiting for `msg_id` (its caller gave up); a reply to it will be late."""
-        entry = self._waiting.pop(msg_id, None)
-        if entry is not None:
-            entry[1].cancel()
+        self._waiting.pop(msg_id, None)
 
     def take(self, frames: Sequence[Any]) -> tuple[ReplyT, list[Any], asyncio.Future[Any]] | None:
         """Decode a received message: (reply, payload frames, the request's future), its
@@ -337,13 +345,18 @@ class PendingRequests(Generic[ReplyT]):
             if self._malformed is not None:
                 self._malformed.count(self.peer, exc)
             return None
-        entry = self._waiting.pop(reply.parent_id, None)
+        future = self.take_answered(reply.parent_id)
+        return None if future is None else (reply, payload, future)
+
+    def take_answered(self, parent_id: int) -> asyncio.Future[Any] | None:
+        """The future of request `parent_id`, out of the table, for a reply the link decoded
+        itself; None if it is not waiting (a late reply: counted, to be dropped)."""
+        entry = self._waiting.pop(parent_id, None)
         if entry is None:
             if self._malformed is not None:
                 self._malformed.count_late(self.peer)
             return None
-        entry[1].cancel()
-        return reply, payload, entry[0]
+        return entry[0]
 
     def violation(self, exc: ZmtpError) -> None:
         """Count a ZMTP violation of the peer (a dealer's `on_violation`): frames framed
@@ -357,15 +370,29 @@ class PendingRequests(Generic[ReplyT]):
         """Fail every request waiting with a fresh `failure()` (one exception per future, so
         tracebacks do not pile up on a shared one) and empty the table."""
         waiting, self._waiting = self._waiting, {}
-        for future, timer in waiting.values():
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(failure())
 
-    def _expire(self, msg_id: int) -> None:
-        entry = self._waiting.pop(msg_id, None)
-        if entry is not None:
-            self._on_expire(entry[0])
+    def _expire_due(self) -> None:
+        """The timer fired: expire every request whose deadline passed, oldest first, then
+        set the timer for the oldest left."""
+        self._timer = None
+        waiting = self._waiting
+        now = self._time()
+        while waiting:
+            msg_id = next(iter(waiting))
+            future, deadline = waiting[msg_id]
+            if deadline > now:
+                if self._timer is not None:  # set by an add() in on_expire, for a later one
+                    self._timer.cancel()
+                self._timer = self._loop.call_at(deadline, self._expire_due)
+                return
+            del waiting[msg_id]
+            self._on_expire(future)
 
 
 class Link(Generic[ReplyT]):

@@ -1,9 +1,15 @@
-"""Asyncio links from the client to page servers: one DEALER per server, batched per loop turn.
+"""Asyncio links from the client to page servers: one DEALER per server, batched per callback.
 
-Every page operation the remote backend starts during one turn of the event loop is gathered
-into one message per server and operation (a GET of 32 single-page NBD reads is one
-`get_pages_request` of 32 keys), sent when the loop turn ends. Replies are matched by
-`parent_id` and resolve one future per batch, not per page.
+Every page operation the remote backend starts during one socket callback (the NBD
+connection's, for the requests it received; a link's, for what the replies it resolved
+start) is gathered into one message per server and operation (a GET of 32 single-page NBD
+reads is one `get_pages_request` of 32 keys), sent when that callback ends
+(`inline.CallbackEnd`; outside one, when the loop turn ends). Replies are matched by
+`parent_id` and resolve one future per batch, not per page: for a GET an
+`inline.InlineFuture`, so the reads waiting on it resume in the reply's callback and their
+NBD replies go out as it ends. The page server's own form of a GET reply header is read
+without pydantic (`parse_get_pages_reply`); any other reply is validated by the models, as
+before.
 
 The link is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve)
 and a `dealer.PendingRequests`: no coroutine or future per message beyond the batch's own.
@@ -29,9 +35,10 @@ from remem_common.protocol.client_pageserver import (
     GetPagesReply,
     GetPagesRequest,
     PutPagesRequest,
-    page_request_header,
+    page_request_header_encoder,
+    parse_get_pages_reply,
 )
-from remem_common.protocol.envelope import ErrorCode, ErrorReply, ProtocolError
+from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import (
     KEY_DTYPE,
     MAX_BATCH_PAGES,
@@ -47,6 +54,7 @@ from remem_common.protocol.pages import (
 from remem_common.security import Security
 
 from remem_client.dealer import DealerBusy, Link
+from remem_client.inline import InlineFuture, callback_end
 
 if TYPE_CHECKING:
     import zmq
@@ -67,6 +75,8 @@ WINDOW = 1
 # Keep at most this many messages queued toward a server that is not reading: past it, sends
 # fail at once rather than buffering pages without bound.
 SEND_HWM = 256
+# Spans of fewer pages than this are kept by page in a batch (see _Batch).
+_SHORT_SPAN = 8
 
 
 class ReplicaFailure(Exception):
@@ -110,7 +120,7 @@ class GetResult:
         return unpack_seals(self.seal_raw, self.count)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batch:
     """Pages gathered for one message: key, checksum, data and seal arrays from several
     callers."""
@@ -123,14 +133,30 @@ class _Batch:
     seals: list[Any] = field(default_factory=list)
     count: int = 0
     future: asyncio.Future[Any] | None = None
-    # Global page numbers touched, as (first, last) spans: a page may appear only once in a
-    # message, so a caller whose span overlaps one already gathered starts a new batch.
+    # Global page numbers touched: a page may appear only once in a message, so a caller
+    # whose span overlaps one already gathered starts a new batch. Short spans (most: a
+    # 4 KiB request is one page) as a set of their pages, checked with a lookup a page;
+    # longer ones as (first, last).
+    pages: set[int] = field(default_factory=set)
     spans: list[tuple[int, int]] = field(default_factory=list)
 
     def overlaps(self, first: int, last: int) -> bool:
-        return any(
+        pages = self.pages
+        if last - first < _SHORT_SPAN:
+            for page in range(first, last + 1):
+                if page in pages:
+                    return True
+        elif pages and any(first <= page <= last for page in pages):
+            return True
+        return bool(self.spans) and any(
             first <= other_last and other_first <= last for other_first, other_last in self.spans
         )
+
+    def touch(self, first: int, last: int) -> None:
+        if last - first < _SHORT_SPAN:
+            self.pages.update(range(first, last + 1))
+        else:
+            self.spans.append((first, last))
 
 
 class PageServerLink(Link[AnyReply]):
@@ -162,9 +188,14 @@ class PageServerLink(Link[AnyReply]):
         self.server_id = server_id
         self.tenant = tenant
         self.volume = volume
+        self._headers = {
+            op: page_request_header_encoder(type_name, tenant, volume)
+            for op, type_name in _REQUEST_TYPE.items()
+        }
         self._dealer = self._open_dealer()
         self._open: dict[str, _Batch] = {}
         self._flush_scheduled = False
+        self._end = callback_end(self._loop)
         self.closed = False
 
     # -- public operations: each returns the future of the batch the pages joined ----------
@@ -236,11 +267,17 @@ class PageServerLink(Link[AnyReply]):
             self._send(self._open.pop(op))
             batch = None
         if batch is None:
-            batch = _Batch(op=op, future=self._loop.create_future())
+            # A GET's readers resume in the reply's callback (`inline`); a PUT's writer
+            # waits for every replica, so it resumes once, on the loop, when the last
+            # replies came (resumed at each reply, it waited once more a write).
+            future: asyncio.Future[Any] = (
+                InlineFuture(self._loop) if op == "get" else self._loop.create_future()
+            )
+            batch = _Batch(op=op, future=future)
             self._open[op] = batch
             if not self._flush_scheduled:
                 self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+                self._end.defer(self._flush)
         start = batch.count
         batch.keys.append(keys)
         if crcs is not None and data is not None:
@@ -248,7 +285,7 @@ class PageServerLink(Link[AnyReply]):
             batch.data.append(data)
             batch.seals.append(seals)
         batch.count += count
-        batch.spans.append((first, last))
+        batch.touch(first, last)
         return batch, start
 
     def _flush(self) -> None:
@@ -280,9 +317,7 @@ class PageServerLink(Link[AnyReply]):
             data = batch.data[0] if len(batch.data) == 1 else b"".join(batch.data)
             seals = batch.seals[0] if len(batch.seals) == 1 else b"".join(batch.seals)
             crcs_data = [crcs, data, seals]
-        header = page_request_header(
-            _REQUEST_TYPE[batch.op], msg_id, self.tenant, self.volume, batch.count
-        )
+        header = self._headers[batch.op](msg_id, batch.count)
         frames = [DELIMITER, header, keys, *crcs_data]
         try:
             self._dealer.send(frames)
@@ -322,37 +357,77 @@ class PageServerLink(Link[AnyReply]):
     def _on_reply(self, frames: list[Any]) -> None:
         if self.closed:
             return
+        # A GET's answer in the page server's own form is read without pydantic
+        # (`parse_get_pages_reply`); any other message is validated (and, if malformed,
+        # counted) by the table.
+        parsed = (
+            parse_get_pages_reply(frames[1]) if len(frames) == 6 and not len(frames[0]) else None
+        )
+        if parsed is None:
+            self._on_validated_reply(frames)
+            return
+        parent_id, count = parsed
+        future = self._pending.take_answered(parent_id)
+        if future is None:
+            return  # answered after its timeout (counted)
+        self._made_room()
+        if not future.done():
+            self._get_result(future, count, frames[2:])
+
+    def _on_validated_reply(self, frames: list[Any]) -> None:
         taken = self._pending.take(frames)
         if taken is None:
             return  # malformed, or answered after its timeout (counted)
         reply, payload, future = taken
-        if self._open and not self._flush_scheduled:
-            # Room in the window: what gathered while this batch was away leaves now.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._made_room()
         if future.done():
             return
         if isinstance(reply, ErrorReply):
             future.set_exception(ReplicaFailure(self.server_id, reply.error_code, reply.detail))
         elif isinstance(reply, GetPagesReply):
-            count = reply.count
-            views = [memoryview(frame) for frame in payload]
-            expected = [count, 4 * count, PAGE_SIZE * count, SEAL_BYTES * count]
-            if [view.nbytes for view in views] != expected:
-                future.set_exception(
-                    ReplicaFailure(self.server_id, ErrorCode.MALFORMED, "bad get reply lengths")
-                )
-                return
-            try:
-                result = GetResult(count, views[0], views[1], views[2], views[3])
-            except ProtocolError as exc:
-                future.set_exception(
-                    ReplicaFailure(self.server_id, ErrorCode.MALFORMED, f"bad get reply: {exc}")
-                )
-                return
-            future.set_result(result)
+            self._get_result(future, reply.count, payload)
         else:
-            future.set_result(reply)
+            self._resolve(future, reply)
+
+    def _made_room(self) -> None:
+        """A batch was answered: what gathered while it was away leaves (at the end of
+        this callback)."""
+        if self._open and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._end.defer(self._flush)
+
+    def _get_result(self, future: asyncio.Future[Any], count: int, payload: list[Any]) -> None:
+        if len(payload) == 4:
+            found, crcs, data, seals = (
+                memoryview(payload[0]),
+                memoryview(payload[1]),
+                memoryview(payload[2]),
+                memoryview(payload[3]),
+            )
+            if (
+                found.nbytes == count
+                and crcs.nbytes == 4 * count
+                and data.nbytes == PAGE_SIZE * count
+                and seals.nbytes == SEAL_BYTES * count
+            ):
+                self._resolve(future, GetResult(count, found, crcs, data, seals))
+                return
+        future.set_exception(
+            ReplicaFailure(self.server_id, ErrorCode.MALFORMED, "bad get reply lengths")
+        )
+
+    def _resolve(self, future: asyncio.Future[Any], result: Any) -> None:
+        """Hand a batch its answer: the requests waiting on it resume now, in this callback,
+        and what they send or reply goes out when it ends (`inline`)."""
+        if not isinstance(future, InlineFuture):
+            future.set_result(result)
+            return
+        end = self._end
+        end.enter()
+        try:
+            future.resolve_inline(result)
+        finally:
+            end.exit()
 
 
 def page_keys(first_page: int, count: int, slab_pages: int) -> KeyArray:

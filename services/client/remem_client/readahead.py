@@ -118,8 +118,11 @@ class ReadAhead:
         Keeping one to two windows ahead keeps a second fetch on its way while the reader
         consumes the first: with one, a reader faster than a fetch waits for each window."""
         end = first + count
+        # A stream whose last read ended within STREAM_SLACK pages before `first`, or
+        # inside this read: as count >= 1, one range of ends.
+        lowest = first - STREAM_SLACK
         for index, stream in enumerate(self._streams):
-            if 0 <= first - stream[0] <= STREAM_SLACK or first < stream[0] <= end:
+            if lowest <= stream[0] <= end:
                 del self._streams[index]
                 break
         else:  # a new stream, or a stray read
@@ -263,6 +266,16 @@ class ReadAheadFilter:
             ring.forget(first, first + count)
         return plain
 
+    def may_serve(self, first: int, count: int) -> bool:
+        """Whether `lookup` or `pending` could find pages [first, first + count): the ring
+        holds its first page, or a fetch in flight covers it. False: both would find
+        nothing (and change nothing)."""
+        ring = self.ring
+        return ring is not None and (
+            first in ring._slot_of
+            or (bool(ring._fetches) and ring.pending(first, count) is not None)
+        )
+
     def pending(self, first: int, count: int) -> asyncio.Future[None] | None:
         """The fetch in flight that covers pages [first, first + count), if any: wait for it
         with `asyncio.wait`, not `await` (cancelling the reader must not cancel it)."""
@@ -271,8 +284,8 @@ class ReadAheadFilter:
     def follow(self, first: int, count: int) -> None:
         """After a read of [first, first + count): fetch the next window if reads stream."""
         ring = self.ring
-        if ring is None:
-            return
+        if ring is None or count > ring.window:
+            return  # reads larger than a window (1 MiB ones) never find theirs whole in it
         window = ring.next_window(first, count, self._page_count, self._boundary)
         if window is None:
             return

@@ -41,7 +41,10 @@ MAX_FRAME = 64 << 20
 RX_CHUNK = 256 << 10
 # A reader that reuses its buffer keeps one grown for a large frame up to this size; past it
 # the buffer goes back to RX_CHUNK once empty (a 4 MiB batch is the largest remem sends).
+# One that does not takes a buffer this large for a large frame, room for the next ones.
 KEEP_BUFFER = 8 << 20
+# ... for this many frames of that size (see FrameReader).
+LARGE_FRAMES_PER_BUFFER = 4
 # A reader that reuses its buffer reads at most this much at a time, unless the rest of a
 # frame begun: what of a large frame's body may land before its header is parsed, and be
 # moved if the frame does not fit where it began.
@@ -144,6 +147,10 @@ class FrameReader:
 
     Frames point into the receive buffer. By default a buffer is not reused once filled (a
     new one is taken instead), so frames stay valid for as long as their holder keeps them.
+    A frame that does not fit in what is left of the buffer is moved, with the bytes of it
+    received so far (a read's worth at most), to a new buffer; one made for a large frame
+    has room for LARGE_FRAMES_PER_BUFFER of them (KEEP_BUFFER bytes at most), so a stream
+    of 1 MiB replies moves part of one in four instead of part of each.
 
     With `reuse`, the caller promises to be done with the messages `advance` returned before
     it asks for the next `buffer()`, and one buffer serves every read: from its start again
@@ -211,7 +218,12 @@ class FrameReader:
             self._frames = []
             return
         tail = self._view[self._start : self._end]
-        buf = np.empty(max(RX_CHUNK, need), dtype=np.uint8)
+        size = (
+            max(need, min(need * LARGE_FRAMES_PER_BUFFER, KEEP_BUFFER))
+            if need > RX_CHUNK
+            else RX_CHUNK
+        )
+        buf = np.empty(size, dtype=np.uint8)
         view: memoryview = buf.data
         view[: tail.nbytes] = tail
         self._buf, self._view = buf, view

@@ -91,12 +91,12 @@ class MirrorMetrics(ServiceMetrics):
         )
         self.coalesced_writes = Counter(
             "mirror_coalesced_writes_total",
-            "Write syscalls issued; adjacent queued writes share one",
+            "Writes issued to the device, one per run: adjacent queued writes share one",
             registry=registry,
         )
         self.write_duration = Histogram(
             "mirror_write_duration_seconds",
-            "Time of one write syscall (a run of adjacent pages)",
+            "Time of one batch of writes to the device (a group's runs, issued together)",
             buckets=IO_BUCKETS,
             registry=registry,
         )

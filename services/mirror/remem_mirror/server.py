@@ -1,12 +1,16 @@
 """The mirror's ZeroMQ loop: validate each request, queue it in order, send the writer's replies.
 
-The main thread owns the ROUTER socket: it validates each request, queues it for the writer
+The main thread owns the ROUTER (remem_common.router: ZMTP served from this thread on
+plaintext links, libzmq with Curve): it validates each request, queues it for the writer
 thread (remem_mirror.writer), and sends the replies the writer hands back through a deque and
-an eventfd that the main loop polls beside the ROUTER.
+an eventfd that the main loop polls beside the ROUTER. The ZMTP router hands over frames that
+point into receive buffers it does not reuse (`keep_frames`): the writer copies the pages
+from there straight into its O_DIRECT staging buffer.
 
 Back-pressure: while more than `queue_pages` written pages (or that many requests) wait, the
-main loop stops reading the ROUTER; ZeroMQ's queues and then the client's sends block. Nothing
-is ever dropped.
+main loop stops reading the ROUTER; the kernel's (or ZeroMQ's) queues and then the client's
+sends block. Nothing is ever dropped. (The ZMTP router hands over every message one read of a
+connection completed, so the queue may pass its bound by what one read holds.)
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from remem_common.protocol.envelope import (
     ProtocolError,
 )
 from remem_common.protocol.pages import PAGE_SIZE
+from remem_common.router import Router, open_router
 from remem_common.security import Security
-from remem_common.zmq_io import recv_frames
+from remem_common.zmtp import ZmtpError
 
 from remem_mirror.metrics import MirrorMetrics
 from remem_mirror.store import MirrorStore
@@ -48,6 +53,8 @@ log = logging.getLogger("mirror")
 
 # Messages taken from the ROUTER per wake-up before queued replies get sent.
 MAX_BURST = 256
+# How long the last replies may take to leave at shutdown.
+LINGER_MS = 1000
 POLL_MS = 100
 # Shutdown waits for the queue to empty and then this long without a new request.
 QUIET_MS = 20
@@ -105,7 +112,7 @@ def _check_data(msg: WritePagesRequest | WriteExtentsRequest, frame: Any) -> Any
 
 
 class MirrorServer:
-    """Serves one mirror store on one ROUTER socket until asked to stop."""
+    """Serves one mirror store on one ROUTER until asked to stop."""
 
     def __init__(
         self,
@@ -120,18 +127,16 @@ class MirrorServer:
         self.store = store
         self.metrics = metrics
         self.drain_timeout = drain_timeout
-        self.router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
-        # A client that vanished must not make us block or raise; its replies are dropped.
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._context = context
         # With Curve only client keys are admitted (service.ADMITTED_ROLES), and the mirror holds
         # one device's pages, not a tenant's: no per-request check is needed.
-        (security or Security.insecure()).server_socket(self.router)
+        self._security = security or Security.insecure()
+        self.router: Router | None = None  # opened by `bind`, which knows the endpoint
         self.queue = OpQueue(queue_pages)
         self.pipe = ReplyPipe()
         self.writer = MirrorWriter(store, metrics)
         self._thread = threading.Thread(target=self._write_loop, name="mirror-writer", daemon=True)
         self._poll_all = zmq.Poller()
-        self._poll_all.register(self.router, zmq.POLLIN)
         self._poll_all.register(self.pipe.fd, zmq.POLLIN)
         self._poll_replies = zmq.Poller()
         self._poll_replies.register(self.pipe.fd, zmq.POLLIN)
@@ -143,11 +148,23 @@ class MirrorServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def bind(self, endpoint: str) -> str:
-        """Bind the ROUTER; returns the endpoint actually bound (with the chosen port)."""
-        self.router.bind(endpoint)
-        bound = self.router.getsockopt(zmq.LAST_ENDPOINT)
-        assert isinstance(bound, bytes)
-        return bound.decode()
+        """Open and bind the ROUTER; returns the endpoint actually bound (with the chosen
+        port)."""
+        assert self.router is None
+        self.router = open_router(
+            endpoint,
+            self._context,
+            self._security,
+            on_violation=self._zmtp_violation,
+            keep_frames=True,  # ops hold their data frames until the writer is done
+        )
+        self._poll_all.register(self.router.pollable, zmq.POLLIN)
+        return self.router.bind(endpoint)
+
+    def _zmtp_violation(self, exc: ZmtpError) -> None:
+        """A peer broke ZMTP (the ZMTP router closed its connection): counted as libzmq's
+        ROUTER would not, beside the messages refused as malformed."""
+        self.metrics.malformed_by["bad_frames"].inc()
 
     def request_stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -171,9 +188,10 @@ class MirrorServer:
         return self._thread.is_alive()
 
     def _serve_once(self, timeout_ms: int) -> None:
+        assert self.router is not None
         poller = self._poll_replies if self.queue.full() else self._poll_all
         events = dict(poller.poll(timeout_ms))
-        if self.router in events:
+        if self.router.pollable in events:
             self._drain_router()
         if self.pipe or self.pipe.fd in events:
             self._send_replies()
@@ -209,27 +227,29 @@ class MirrorServer:
         finished = not self._thread.is_alive()
         self._send_replies()
         # Linger so the last replies leave before the socket goes.
-        self.router.close(linger=1000)
+        assert self.router is not None
+        self.router.close(linger_ms=LINGER_MS)
         return finished
 
     def close(self) -> None:
         """Close the ROUTER (if serving never closed it) and the reply pipe, unless the
         writer, which pushes into it, is still running."""
-        self.router.close(linger=0)
+        if self.router is not None:
+            self.router.close()
         if not self.writer_running:
             self.pipe.close()
 
     # -- main thread: requests in, replies out ---------------------------------------------
 
     def _drain_router(self) -> int:
+        assert self.router is not None
         handled = 0
+        # One receive at a time, so reading stops as soon as the queue is full.
         while handled < MAX_BURST and not self.queue.full():
-            try:
-                frames = recv_frames(self.router)
-            except zmq.Again:
+            took = self.router.drain(self._handle, 1)
+            if not took:
                 break
-            handled += 1
-            self._handle(frames)
+            handled += took
         self._received += handled
         return handled
 
@@ -267,14 +287,18 @@ class MirrorServer:
         self._outstanding += 1
 
     def _send_replies(self) -> None:
-        for frames in self.pipe.pop_all():
-            self._outstanding -= 1
-            self._send(frames)
+        replies = self.pipe.pop_all()
+        if not replies:
+            return
+        self._outstanding -= len(replies)
+        assert self.router is not None
+        dropped = self.router.send_all(replies)
+        if dropped:
+            log.warning("dropped %d replies: the client is not reading", dropped)
 
     def _send(self, frames: Frames) -> None:
-        try:
-            self.router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        assert self.router is not None
+        if not self.router.send(frames):
             log.warning("dropped a reply: the client is not reading")
 
     # -- writer thread ---------------------------------------------------------------------

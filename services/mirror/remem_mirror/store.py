@@ -49,6 +49,8 @@ import numpy.typing as npt
 from remem_common.locking import lock_exclusive
 from remem_common.protocol.pages import PAGE_SIZE
 
+from remem_mirror.aio import AioWriter
+
 log = logging.getLogger("mirror")
 
 MAGIC = b"REMEMMR\x01"
@@ -116,6 +118,12 @@ def plan_runs(firsts: Sequence[int], counts: Sequence[int], max_pages: int) -> l
     return starts
 
 
+def _overlap(firsts: Sequence[int], counts: Sequence[int]) -> bool:
+    """Whether two of the page ranges `[firsts[k], firsts[k] + counts[k])` overlap."""
+    spans = sorted(zip(firsts, counts, strict=True))
+    return any(first + count > spans[k + 1][0] for k, (first, count) in enumerate(spans[:-1]))
+
+
 def _load_fallocate() -> Any:
     """libc's fallocate via ctypes (os has posix_fallocate but not the punch-hole mode)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -179,6 +187,10 @@ class MirrorStore:
         self._read_buffer = mmap.mmap(-1, READ_BUFFER_PAGES * PAGE_SIZE)
         self._zeros = mmap.mmap(-1, ZERO_PAGES * PAGE_SIZE)  # never written: stays zero
         self._staging_view = memoryview(self._staging)
+        self._staging_address = ctypes.addressof(ctypes.c_char.from_buffer(self._staging))
+        # One io_submit per batch of runs (aio.py says why); O_DIRECT only: buffered writes
+        # are copied into the page cache inside io_submit, one at a time anyway.
+        self._aio = AioWriter.open(self._fd, MAX_RUN_PAGES) if self.direct_io else None
         self._read_view = memoryview(self._read_buffer)
         self._zeros_view = memoryview(self._zeros)
         self._punch_holes = _FALLOCATE is not None
@@ -372,6 +384,102 @@ class MirrorStore:
         os.posix_fadvise(self._fd, offset, total, os.POSIX_FADV_DONTNEED)
         return total
 
+    def write_pages(
+        self, chunks: Sequence[Buffer], runs: Sequence[tuple[int, int]]
+    ) -> tuple[int, list[tuple[int, int, OSError]]]:
+        """Write runs of pages: run k is `runs[k] = (first, count)`, `count` pages from page
+        `first`; the runs' pages are the chunks' pages back to back (each chunk whole pages,
+        none more than MAX_RUN_PAGES). A later run writing a page an earlier one wrote wins.
+
+        The chunks are copied into the staging buffer (one copy each, as many as it holds at
+        a time), runs adjacent on the device there become one write, and the writes go out
+        together: one io_submit with O_DIRECT and Linux AIO, unless two overlap (their order
+        would then be the device's), else one pwrite each.
+
+        Returns:
+            The writes issued, and the failures: (index of the first page among the
+            chunks' pages, pages, error) each.
+        """
+        sizes = [memoryview(chunk).nbytes // PAGE_SIZE for chunk in chunks]
+        failures: list[tuple[int, int, OSError]] = []
+        issued = 0
+        done_chunks = done_runs = done_pages = 0
+        while done_chunks < len(chunks):
+            # A wave: the chunks the staging buffer holds, and the runs in them.
+            end = done_chunks
+            pages = 0
+            while end < len(chunks) and (end == done_chunks or pages + sizes[end] <= MAX_RUN_PAGES):
+                pages += sizes[end]
+                end += 1
+            stop, taken = done_runs, 0
+            while taken < pages:
+                taken += runs[stop][1]
+                stop += 1
+            self._stage(chunks[done_chunks:end])
+            issued += self._write_wave(runs[done_runs:stop], done_pages, failures)
+            done_chunks, done_runs, done_pages = end, stop, done_pages + pages
+        return issued, failures
+
+    def _stage(self, chunks: Sequence[Buffer]) -> None:
+        staging = self._staging_view
+        end = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            staging[end : end + view.nbytes] = view
+            end += view.nbytes
+
+    def _write_wave(
+        self,
+        runs: Sequence[tuple[int, int]],
+        base: int,
+        failures: list[tuple[int, int, OSError]],
+    ) -> int:
+        """Write the staged runs; returns how many writes (adjacent runs merged) it issued."""
+        # Plain Python, not numpy: a group holds a few runs, often one, and numpy's call
+        # overhead then costs more than the loop.
+        firsts: list[int] = []
+        counts: list[int] = []
+        ats: list[int] = []  # where each write's pages are staged (page index)
+        at, end = 0, -1
+        for first, count in runs:
+            if first == end:
+                counts[-1] += count
+            else:
+                firsts.append(first)
+                counts.append(count)
+                ats.append(at)
+            at += count
+            end = first + count
+        aio = self._aio
+        again: Sequence[int] = range(len(firsts))  # one pwrite each, in order
+        if aio is not None and 1 < len(firsts) <= aio.capacity and not _overlap(firsts, counts):
+            sizes = [count * PAGE_SIZE for count in counts]
+            address = self._staging_address
+            results = aio.pwrite(
+                [address + at * PAGE_SIZE for at in ats],
+                sizes,
+                [first * PAGE_SIZE for first in firsts],
+            )
+            # A write refused, failed or short: written again alone, which raises the
+            # device's error if it fails again (none in the batch overlaps it).
+            again = [
+                k for k, (got, size) in enumerate(zip(results, sizes, strict=True)) if got != size
+            ]
+        for k in again:
+            try:
+                self._write_staged(ats[k], counts[k], firsts[k])
+            except OSError as exc:
+                failures.append((base + ats[k], counts[k], exc))
+        return len(firsts)
+
+    def _write_staged(self, at: int, pages: int, first: int) -> None:
+        """pwrite `pages` staged pages from staging page `at` to page `first`."""
+        offset, size = first * PAGE_SIZE, pages * PAGE_SIZE
+        self._write_all([self._staging_view[at * PAGE_SIZE : at * PAGE_SIZE + size]], offset, size)
+        if not self.direct_io:
+            # Write-behind means written once and rarely read: keep it out of the page cache.
+            os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_DONTNEED)
+
     def write_runs(self, writes: Sequence[tuple[int, int, Buffer]]) -> int:
         """Write `(first, count, data)` in order, adjacent ones coalesced; returns syscalls."""
         firsts = [first for first, _, _ in writes]
@@ -525,6 +633,8 @@ class MirrorStore:
             os.fdatasync(self._fd)
             self._meta.flush()
         finally:
+            if self._aio is not None:
+                self._aio.close()
             del self._bitmap
             self._staging_view.release()
             self._read_view.release()

@@ -6,8 +6,9 @@ it, and a later write of a page lands after an earlier one. It never touches a Z
 (they are not thread-safe): its replies go back to the main thread through a `ReplyPipe`.
 
 The writer takes greedily what is queued: consecutive writes (up to MAX_RUN_PAGES pages) form
-one group, whose runs of adjacent pages go out in one pwrite each, with one fdatasync if any
-write asked for `sync`; replies follow once the group is on disk. Anything else is one op.
+one group, whose runs of adjacent pages go out together (`MirrorStore.write_pages`: one
+io_submit, or one pwrite per run), with one fdatasync if any write asked for `sync`; replies
+follow once the group is on disk. Anything else is one op.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from remem_common.protocol.envelope import (
 from remem_common.protocol.pages import PAGE_SIZE
 
 from remem_mirror.metrics import MirrorMetrics
-from remem_mirror.store import MAX_RUN_PAGES, MirrorStore, plan_runs
+from remem_mirror.store import MAX_RUN_PAGES, MirrorStore
 
 log = logging.getLogger("mirror")
 
@@ -362,34 +363,27 @@ class MirrorWriter:
         return replies
 
     def _write_runs(self, ops: list[Op], failures: list[OSError | None]) -> None:
-        # Every op's runs in queue order, each with its op and its bytes.
-        firsts: list[int] = []
-        counts: list[int] = []
-        chunks: list[memoryview] = []
-        owners: list[int] = []
-        for index, op in enumerate(ops):
-            data = memoryview(op.data).cast("B")
-            offset = 0
-            for first, count in op.runs:
-                firsts.append(first)
-                counts.append(count)
-                chunks.append(data[offset : offset + count * PAGE_SIZE])
-                owners.append(index)
-                offset += count * PAGE_SIZE
-        starts = plan_runs(firsts, counts, MAX_RUN_PAGES)
-        for k, start in enumerate(starts):
-            stop = starts[k + 1] if k + 1 < len(starts) else len(firsts)
-            started = time.perf_counter()
-            try:
-                written = self.store.write_run(firsts[start], chunks[start:stop])
-            except OSError as exc:
-                log.error("write of pages %d.. failed: %s", firsts[start], exc)
-                for owner in owners[start:stop]:
-                    failures[owner] = failures[owner] or exc
-                continue
-            self.metrics.write_duration.observe(time.perf_counter() - started)
-            self.metrics.coalesced_writes.inc()
-            self.metrics.written_bytes.inc(written)
+        started = time.perf_counter()
+        try:
+            issued, failed = self.store.write_pages(
+                [op.data for op in ops], [run for op in ops for run in op.runs]
+            )
+        except OSError as error:
+            issued, failed = 0, [(0, sum(op.pages for op in ops), error)]
+        self.metrics.write_duration.observe(time.perf_counter() - started)
+        lost = 0
+        for at, pages, failure in failed:
+            log.error("a write of %d pages failed: %s", pages, failure)
+            lost += pages
+            issued -= 1
+            # The ops whose pages [at, at + pages) of the group's pages hold.
+            op_at = 0
+            for index, op in enumerate(ops):
+                if op_at < at + pages and at < op_at + op.pages:
+                    failures[index] = failures[index] or failure
+                op_at += op.pages
+        self.metrics.coalesced_writes.inc(max(issued, 0))
+        self.metrics.written_bytes.inc((sum(op.pages for op in ops) - lost) * PAGE_SIZE)
 
     # -- everything else -------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
     cli, service   flags; open the arena, bind, register with placement, serve, drain
     server         the loop: requests in, handlers (put, get, delete, inventory, slab orders)
-    router         the data socket: zmtp_router (ZMTP from the loop) or libzmq (Curve)
+    (its data socket is remem_common.router: ZMTP from the loop, or libzmq for Curve)
     slab_push      copies of slabs sent straight to other page servers (re-replication)
     registration   the heartbeat to placement, on its own thread
 

@@ -161,6 +161,18 @@ class SlabIndex:
                 slots[positions] = slab_slots[pages[positions]]
         return slots
 
+    def lookup_words(self, tenant_id: int, volume: int, keys: tuple[int, ...]) -> list[int]:
+        """`lookup` of a small batch given as key words (slab, page, slab, page, ...)."""
+        slabs = self._slabs
+        last_slab, slab_slots = -1, None
+        slots: list[int] = []
+        for at in range(0, len(keys), 2):
+            slab = keys[at]
+            if slab != last_slab:
+                last_slab, slab_slots = slab, slabs.get((tenant_id, volume, slab))
+            slots.append(-1 if slab_slots is None else slab_slots.item(keys[at + 1]))
+        return slots
+
     def insert(
         self,
         tenant_id: int,

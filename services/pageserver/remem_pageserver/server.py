@@ -1,9 +1,12 @@
 """The page server's ZeroMQ loop: decode requests, authorize them, call the store, answer.
 
-One thread owns the arena: the ROUTER (remem_pageserver.router: ZMTP served from this thread
+One thread owns the arena: the ROUTER (remem_common.router: ZMTP served from this thread
 on plaintext links, libzmq with Curve) and every slab push (remem_pageserver.slab_push) are
 served from one loop, so the store needs no locks and a push reads a page and a client
-overwrites it in a well-defined order. Batches keep the per-message cost small. While no push
+overwrites it in a well-defined order. Batches keep the per-message cost small, and so does
+the data plane's own path: a put/get/delete header as clients write it is parsed without
+pydantic, batches of up to SMALL_PAGES pages are served without numpy, and requests are
+counted in plain numbers (remem_pageserver.metrics). While no push
 is running the loop waits on the ROUTER alone; with pushes, a zmq.Poller watches the ROUTER
 and the pushes' sockets. Registration and heartbeats to placement
 (remem_pageserver.registration) run in their own thread with their own socket; they only
@@ -16,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import Annotated, Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from remem_common.protocol.client_pageserver import (
     GetPagesRequest,
     PutPagesRequest,
     get_pages_reply_header,
+    parse_pages_request,
     put_pages_reply_header,
 )
 from remem_common.protocol.envelope import (
@@ -37,8 +42,14 @@ from remem_common.protocol.envelope import (
 )
 from remem_common.protocol.pages import (
     PAGE_SIZE,
+    SEAL_BYTES,
+    SMALL_PAGES,
     bad_checksums,
+    bad_row_checksums,
+    crc_words,
+    key_words,
     make_keys,
+    rows_view,
     unpack_crcs,
     unpack_keys,
     unpack_page_indices,
@@ -56,6 +67,7 @@ from remem_common.protocol.pageserver_placement import (
     RegisterServerRequest,
     SlabInventory,
 )
+from remem_common.router import open_router
 from remem_common.security import (
     Identity,
     Role,
@@ -67,7 +79,6 @@ from remem_common.zmtp import ZmtpError
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
 from remem_pageserver.registration import RegistrationLink
-from remem_pageserver.router import open_router
 from remem_pageserver.slab_push import Frames, SlabPusher
 from remem_pageserver.store import NoSpaceError, PageStore
 
@@ -96,15 +107,18 @@ OP_OF = {
     "push_slab_request": "push_slab",
     "receive_slab_pages_request": "receive_slab",
 }
+# (msg_id, tenant, volume, count, payload frames) -> reply frames
+PagesHandler = Callable[[int, str, int, int, list[Any]], Frames]
 POLL_MS = 100
 # At shutdown, the data socket is unbound once it has had no request for this long.
 SHUTDOWN_QUIET = 0.25
 # Who may send what (with Curve): clients their own tenant's pages, placement its slab
 # orders, peers the pushed pages of any tenant. Without Curve everyone may do everything.
+DATA_ROLES: tuple[Role, ...] = ("client",)
 ROLES_OF: dict[str, tuple[Role, ...]] = {
-    "put_pages_request": ("client",),
-    "get_pages_request": ("client",),
-    "delete_pages_request": ("client",),
+    "put_pages_request": DATA_ROLES,
+    "get_pages_request": DATA_ROLES,
+    "delete_pages_request": DATA_ROLES,
     "list_inventory_request": ("placement",),
     "drop_slab_request": ("placement",),
     "push_slab_request": ("placement",),
@@ -146,10 +160,15 @@ class PageServer:
         self._stopping = False
         self.started_at = time.time()
         self.under_pressure = False
+        self._pages_handlers: dict[str, PagesHandler] = {
+            "put": self._put,
+            "get": self._get,
+            "delete": self._delete,
+        }
         self._handlers: dict[str, Callable[[Frames, Any, list[Any]], Frames | None]] = {
-            "put_pages_request": self._put,
-            "get_pages_request": self._get,
-            "delete_pages_request": self._delete,
+            "put_pages_request": self._pages_request,
+            "get_pages_request": self._pages_request,
+            "delete_pages_request": self._pages_request,
             "list_inventory_request": self._inventory,
             "drop_slab_request": self._drop_slab,
             "push_slab_request": self._push_slab,
@@ -284,19 +303,31 @@ class PageServer:
         self.metrics.malformed_by["bad_frames"].inc()
 
     def _handle(self, frames: Frames) -> None:
-        started = time.perf_counter()
+        started = perf_counter()
         op: str | None = None
         msg_id = 0
         routing = frames[:1]  # a ROUTER always prepends the sender's id
         reply: Frames | None
         failed = True
         try:
-            routing, body = split_routing(frames)
-            msg, payload = decode(body, SERVED_ADAPTER)
-            msg_id = msg.msg_id
-            op = OP_OF[msg.type]
-            self._authorize(self.security.identity(frames[0]), msg)
-            reply = self._handlers[msg.type](routing, msg, payload)
+            # A data-plane header as clients write it is read without pydantic (most
+            # messages); any other goes through the models, which refuse what is malformed.
+            pages_request = (
+                parse_pages_request(frames[2]) if len(frames) > 2 and not len(frames[1]) else None
+            )
+            if pages_request is not None:
+                op, msg_id, tenant, volume, count = pages_request
+                identity = self.security.identity(frames[0])
+                if identity is not None:
+                    self._authorize_pages(identity, op, tenant, msg_id)
+                reply = self._pages_handlers[op](msg_id, tenant, volume, count, frames[3:])
+            else:
+                routing, body = split_routing(frames)
+                msg, payload = decode(body, SERVED_ADAPTER)
+                msg_id = msg.msg_id
+                op = OP_OF[msg.type]
+                self._authorize(self.security.identity(frames[0]), msg)
+                reply = self._handlers[msg.type](routing, msg, payload)
             failed = False
         except ProtocolError as exc:
             self.metrics.count_malformed(exc)
@@ -310,8 +341,7 @@ class PageServer:
         if reply is None:
             return  # answered later (a slab push replies when the copy is done)
         if op is not None:
-            (self.metrics.error if failed else self.metrics.ok)[op].inc()
-            self.metrics.latency[op].observe(time.perf_counter() - started)
+            self.metrics.record(op, failed, perf_counter() - started)
         if not self.router.send([*routing, *reply]):
             log.warning("dropped a reply: the client is not reading")
 
@@ -322,6 +352,11 @@ class PageServer:
             return
         what = f"{OP_OF[msg.type]} pages of tenant {tenant}" if tenant else OP_OF[msg.type]
         raise self.metrics.auth.forbid(identity, what, msg.msg_id)
+
+    def _authorize_pages(self, identity: Identity, op: str, tenant: str, msg_id: int) -> None:
+        """`_authorize` of a put/get/delete_pages_request."""
+        if not permits(identity, DATA_ROLES, tenant):
+            raise self.metrics.auth.forbid(identity, f"{op} pages of tenant {tenant}", msg_id)
 
     @staticmethod
     def _error(code: ErrorCode, detail: str, parent_id: int) -> Frames:
@@ -338,36 +373,63 @@ class PageServer:
 
     # -- data plane ------------------------------------------------------------------------
 
-    def _put(self, routing: Frames, msg: PutPagesRequest, payload: list[Any]) -> Frames:
-        self._expect_frames(payload, 4, msg.type)
-        keys = unpack_keys(payload[0], msg.count)
-        crcs = unpack_crcs(payload[1], msg.count)
-        pages = unpack_pages(payload[2], msg.count)
-        seals = unpack_seals(payload[3], msg.count)
-        _verify(pages, crcs)
-        stored, _ = self.store.put(msg.tenant, msg.volume, keys, crcs, pages, seals)
-        self.metrics.pages_in.inc(stored)
-        return [DELIMITER, put_pages_reply_header(msg.msg_id, stored)]
+    def _pages_request(self, routing: Frames, msg: Any, payload: list[Any]) -> Frames:
+        """A put/get/delete_pages_request whose header the models validated."""
+        op = OP_OF[msg.type]
+        return self._pages_handlers[op](msg.msg_id, msg.tenant, msg.volume, msg.count, payload)
 
-    def _get(self, routing: Frames, msg: GetPagesRequest, payload: list[Any]) -> Frames:
-        self._expect_frames(payload, 1, msg.type)
-        keys = unpack_keys(payload[0], msg.count)
-        result = self.store.get(msg.tenant, msg.volume, keys)
-        self.metrics.pages_out.inc(msg.count)
+    def _put(self, msg_id: int, tenant: str, volume: int, count: int, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 4, "put_pages_request")
+        if count <= SMALL_PAGES:
+            # Checked without numpy, and stored so if every page is held already; a batch
+            # with new pages is stored by `put`, which allocates their slots.
+            keys = key_words(payload[0], count)
+            crcs = crc_words(payload[1], count)
+            pages = rows_view(payload[2], count, PAGE_SIZE, "data")
+            seals = rows_view(payload[3], count, SEAL_BYTES, "seals")
+            bad = bad_row_checksums(pages, crcs)
+            if bad:
+                raise _bad_checksum(len(bad), count, bad[0])
+            stored = self.store.overwrite_small(tenant, volume, keys, crcs, pages, seals)
+            if stored is not None:
+                self.metrics.pages_tally[0] += stored
+                return [DELIMITER, put_pages_reply_header(msg_id, stored)]
+        keys_array = unpack_keys(payload[0], count)
+        crcs_array = unpack_crcs(payload[1], count)
+        pages_array = unpack_pages(payload[2], count)
+        seals_array = unpack_seals(payload[3], count)
+        if count > SMALL_PAGES:  # a small batch was verified above
+            _verify(pages_array, crcs_array)
+        stored, _ = self.store.put(tenant, volume, keys_array, crcs_array, pages_array, seals_array)
+        self.metrics.pages_tally[0] += stored
+        return [DELIMITER, put_pages_reply_header(msg_id, stored)]
+
+    def _get(self, msg_id: int, tenant: str, volume: int, count: int, payload: list[Any]) -> Frames:
+        self._expect_frames(payload, 1, "get_pages_request")
+        if count <= SMALL_PAGES:
+            found, crcs, data, seals = self.store.get_small(
+                tenant, volume, key_words(payload[0], count)
+            )
+            self.metrics.pages_tally[1] += count
+            return [DELIMITER, get_pages_reply_header(msg_id, count), found, crcs, data, seals]
+        result = self.store.get(tenant, volume, unpack_keys(payload[0], count))
+        self.metrics.pages_tally[1] += count
         return [
             DELIMITER,
-            get_pages_reply_header(msg.msg_id, msg.count),
+            get_pages_reply_header(msg_id, count),
             result.found.view(np.uint8),
             result.crcs,
             result.data,
             result.seals,
         ]
 
-    def _delete(self, routing: Frames, msg: DeletePagesRequest, payload: list[Any]) -> Frames:
-        self._expect_frames(payload, 1, msg.type)
-        keys = unpack_keys(payload[0], msg.count)
-        deleted = self.store.delete(msg.tenant, msg.volume, keys)
-        return encode(DeletePagesReply(msg_id=0, parent_id=msg.msg_id, deleted=deleted))
+    def _delete(
+        self, msg_id: int, tenant: str, volume: int, count: int, payload: list[Any]
+    ) -> Frames:
+        self._expect_frames(payload, 1, "delete_pages_request")
+        keys = unpack_keys(payload[0], count)
+        deleted = self.store.delete(tenant, volume, keys)
+        return encode(DeletePagesReply(msg_id=0, parent_id=msg_id, deleted=deleted))
 
     # -- slab operations (placement and peers) ---------------------------------------------
 
@@ -409,7 +471,7 @@ class PageServer:
             msg.tenant, msg.volume, keys, crcs, pages, seals, overwrite=msg.overwrite
         )
         self.metrics.push_received_bytes.inc(stored * PAGE_SIZE)
-        self.metrics.pages_in.inc(stored)
+        self.metrics.pages_tally[0] += stored
         return encode(
             ReceiveSlabPagesReply(msg_id=0, parent_id=msg.msg_id, stored=stored, skipped=skipped)
         )
@@ -436,9 +498,13 @@ def _verify(
 ) -> None:
     bad = bad_checksums(pages, crcs)
     if bad.size:
-        raise ProtocolError(
-            ErrorCode.BAD_CHECKSUM,
-            f"{bad.size} of {pages.shape[0]} pages do not match their checksum "
-            f"(first at batch position {int(bad[0])}); nothing stored",
-            reason="bad_checksum",
-        )
+        raise _bad_checksum(bad.size, pages.shape[0], int(bad[0]))
+
+
+def _bad_checksum(bad: int, count: int, first: int) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.BAD_CHECKSUM,
+        f"{bad} of {count} pages do not match their checksum "
+        f"(first at batch position {first}); nothing stored",
+        reason="bad_checksum",
+    )

@@ -2,7 +2,9 @@
 RAM committed as slabs fill.
 
 No transport code here: the server module decodes frames and calls these methods with numpy
-arrays; nothing in the store is per-page Python objects. PageStore is the facade over three
+arrays; nothing in the store is per-page Python objects, except for batches of a few pages
+(`get_small`, `overwrite_small`), which a few bytes copies serve faster than numpy calls
+of a microsecond each. PageStore is the facade over three
 parts, each owning its state, which it calls once or twice a batch:
 
     arena.py    the arena file: layout, header, mapping, commit and punch of region memory
@@ -19,6 +21,7 @@ answered "no space" with nothing stored, never a SIGBUS.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,16 @@ __all__ = [
 ]
 
 
+# Where a slot record keeps a page's checksum and seal (SLOT_DTYPE), for the byte views.
+RECORD_BYTES = SLOT_DTYPE.itemsize
+_SLOT_FIELDS = SLOT_DTYPE.fields
+assert _SLOT_FIELDS is not None
+CRC_AT: int = _SLOT_FIELDS["crc"][1]
+SEAL_AT: int = _SLOT_FIELDS["seal"][1]
+CRC_BYTES = 4
+_CRC = struct.Struct("<I")
+
+
 @dataclass(frozen=True)
 class GetResult:
     """Pages read: found (bool each), checksums (0 where absent), data and seals (zeros where
@@ -125,6 +138,9 @@ class PageStore:
         except BaseException:
             self._arena.close()
             raise
+        # Flat byte views of the page data and the slot records, for small batches.
+        self._data_bytes = self._arena.data.reshape(-1).data
+        self._record_bytes = self._arena.slots.view(np.uint8).data
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -259,6 +275,82 @@ class PageStore:
         seals[found] = arena.seal[hit]
         return GetResult(found, crcs, data, seals)
 
+    def get_small(
+        self, tenant: str, volume: int, keys: tuple[int, ...]
+    ) -> tuple[bytes, bytes, bytes, bytes]:
+        """`get` of a small batch, its keys as words (slab, page, slab, page, ...), read with
+        a copy per page rather than numpy; returns the reply's frames: found (a byte each),
+        checksums, data and seals, as `get` returns them."""
+        tenant_id = self._index.tenant_id(tenant, create=False)
+        count = len(keys) // 2
+        if tenant_id is None:
+            return (
+                bytes(count),
+                bytes(count * CRC_BYTES),
+                bytes(count * PAGE_SIZE),
+                bytes(count * SEAL_BYTES),
+            )
+        slots = self._index.lookup_words(tenant_id, volume, keys)
+        data, records = self._data_bytes, self._record_bytes
+        if count == 1 and slots[0] >= 0:
+            slot = slots[0]
+            record = slot * RECORD_BYTES
+            return (
+                b"\x01",
+                bytes(records[record + CRC_AT : record + CRC_AT + CRC_BYTES]),
+                bytes(data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]),
+                bytes(records[record + SEAL_AT : record + SEAL_AT + SEAL_BYTES]),
+            )
+        found: list[int] = []
+        crcs: list[bytes | memoryview] = []
+        pages: list[bytes | memoryview] = []
+        seals: list[bytes | memoryview] = []
+        for slot in slots:
+            if slot < 0:
+                found.append(0)
+                crcs.append(bytes(CRC_BYTES))
+                pages.append(bytes(PAGE_SIZE))
+                seals.append(bytes(SEAL_BYTES))
+                continue
+            record = slot * RECORD_BYTES
+            found.append(1)
+            crcs.append(records[record + CRC_AT : record + CRC_AT + CRC_BYTES])
+            pages.append(data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE])
+            seals.append(records[record + SEAL_AT : record + SEAL_AT + SEAL_BYTES])
+        return bytes(found), b"".join(crcs), b"".join(pages), b"".join(seals)
+
+    def overwrite_small(
+        self,
+        tenant: str,
+        volume: int,
+        keys: tuple[int, ...],
+        crcs: tuple[int, ...],
+        pages: memoryview,
+        seals: memoryview,
+    ) -> int | None:
+        """`put` of a small batch whose pages are all held already, without numpy: keys as
+        words (slab, page, ...), pages and seals back to back. Returns the pages stored, or
+        None, storing nothing, if some page is new (then `put` stores the batch)."""
+        tenant_id = self._index.tenant_id(tenant, create=False)
+        if tenant_id is None:
+            return None
+        slots = self._index.lookup_words(tenant_id, volume, keys)
+        if -1 in slots:
+            return None
+        data, records = self._data_bytes, self._record_bytes
+        # Data and seal before checksum, as in `put`.
+        for index, slot in enumerate(slots):
+            data[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE] = pages[
+                index * PAGE_SIZE : (index + 1) * PAGE_SIZE
+            ]
+            record = slot * RECORD_BYTES + SEAL_AT
+            records[record : record + SEAL_BYTES] = seals[
+                index * SEAL_BYTES : (index + 1) * SEAL_BYTES
+            ]
+        for slot, crc in zip(slots, crcs, strict=True):
+            _CRC.pack_into(records, slot * RECORD_BYTES + CRC_AT, crc)
+        return len(slots)
+
     def delete(self, tenant: str, volume: int, keys: KeyArray) -> int:
         """Free pages (trim); absent ones are ignored. Returns how many were freed."""
         tenant_id = self._index.tenant_id(tenant, create=False)
@@ -308,4 +400,6 @@ class PageStore:
     def close(self) -> None:
         """Flush and unmap the arena (the file stays for the next start; a hole in it reads
         as free slots)."""
+        self._data_bytes.release()
+        self._record_bytes.release()
         self._arena.close()

@@ -4,9 +4,10 @@ An `eager` backend's coroutine is started right in the socket callback (see `bac
 most complete there. One that suspends is carried on in one of two ways:
 
 * `Driven` (a `task_free` backend): without a Task, each future it waits on resumes it
-  straight from its done callback. A Task per request costs, in CPython 3.11, a WeakSet
-  registration, a context copy and a loop callback to start and one to report: about a
-  tenth of a 4 KiB read's CPU in the remote backend.
+  straight from its done callback (a backend's hot path may skip the coroutine too:
+  `wait_then`, a future and what to do once it is done). A Task per request costs, in
+  CPython 3.11, a WeakSet registration, a context copy and a loop callback to start and
+  one to report: about a tenth of a 4 KiB read's CPU in the remote backend.
 * `continue_in_task` (any other eager backend): a Task adopts it where it stopped, so that
   from its first suspension on it has a current task (`asyncio.timeout` works). No
   production backend takes this path (the memory backend never suspends, the remote one is
@@ -18,10 +19,20 @@ Either can be cancelled (server shutdown): the coroutine gets CancelledError whe
 from __future__ import annotations
 
 import asyncio
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Generator
+
+
+def is_coroutine(obj: Any) -> bool:
+    """`asyncio.iscoroutine`, quick for what a backend's coroutine nearly always is (a
+    native coroutine) and for what it is not: asyncio's own test does an ABC check of
+    every object that is not one of the types it saw be coroutines."""
+    return type(obj) is CoroutineType or (
+        not isinstance(obj, (bytes, bytearray, memoryview)) and asyncio.iscoroutine(obj)
+    )
 
 
 class Driven:
@@ -37,10 +48,11 @@ class Driven:
     coroutine handles it, it ends cancelled; `asyncio.current_task()` is None throughout.
     """
 
-    __slots__ = ("_coro", "_done", "_waiting")
+    __slots__ = ("_coro", "_done", "_finish", "_waiting")
 
-    _coro: Coroutine[Any, Any, Any]
+    _coro: Coroutine[Any, Any, Any] | None  # None while `wait_then` waits
     _done: Callable[[Any, Any, BaseException | None, bool], None]
+    _finish: Callable[[Any], Any]
     _waiting: asyncio.Future[Any] | asyncio.Handle | None
 
     def drive(
@@ -54,6 +66,40 @@ class Driven:
         self._done = done
         self._wait(yielded)
 
+    def wait_then(
+        self,
+        future: asyncio.Future[Any],
+        finish: Callable[[Any], Any],
+        done: Callable[[Any, Any, BaseException | None, bool], None],
+    ) -> None:
+        """Wait for `future` with no coroutine at all (a backend's hot path: one callback
+        instead of a coroutine resumed); then `finish(future)` gives the outcome, or a
+        coroutine that carries the work on (driven as `drive` does). `finish` raising
+        ends the work with that exception (CancelledError: cancelled)."""
+        self._coro = None
+        self._finish = finish
+        self._done = done
+        future.add_done_callback(self._resume)
+        self._waiting = future
+
+    def _resume(self, future: Any) -> None:
+        if future is not self._waiting:
+            return  # cancel() gave up on this future after it had scheduled the call
+        self._waiting = None
+        try:
+            outcome = self._finish(future)
+        except asyncio.CancelledError:
+            self._done(self, None, None, True)
+            return
+        except Exception as exc:
+            self._done(self, None, exc, False)
+            return
+        if is_coroutine(outcome):
+            self._coro = outcome
+            self._step(None)
+        else:
+            self._done(self, outcome, None, False)
+
     def _wait(self, yielded: Any) -> None:
         """Resume the coroutine when what it yielded (a future, or None) says so."""
         if yielded is None:  # a bare yield: run again on the next turn of the loop
@@ -64,6 +110,7 @@ class Driven:
             self._waiting = yielded
         else:
             self._waiting = None
+            assert self._coro is not None
             self._coro.close()
             self._done(self, None, RuntimeError(f"coroutine yielded {yielded!r}"), False)
 
@@ -71,6 +118,7 @@ class Driven:
         if future is not self._waiting and future is not None:
             return  # cancel() gave up on this future after it had scheduled the call
         self._waiting = None
+        assert self._coro is not None
         try:
             yielded = self._coro.send(None)
         except StopIteration as stop:
@@ -92,14 +140,18 @@ class Driven:
         if waiting is None:
             return False
         self._waiting = None
+        coro = self._coro
         if isinstance(waiting, asyncio.Handle):
             waiting.cancel()
         else:
             # Not waiting.cancel(): the future may be shared with other requests. If it is
-            # done, _step is already scheduled and returns at once.
-            waiting.remove_done_callback(self._step)
+            # done, _step (or _resume) is already scheduled and returns at once.
+            waiting.remove_done_callback(self._step if coro is not None else self._resume)
+        if coro is None:  # `wait_then` waiting: no coroutine to raise it in
+            self._done(self, None, None, True)
+            return True
         try:
-            yielded = self._coro.throw(asyncio.CancelledError())
+            yielded = coro.throw(asyncio.CancelledError())
         except StopIteration as stop:  # it handled the cancellation and returned
             self._done(self, stop.value, None, False)
         except asyncio.CancelledError:

@@ -5,8 +5,9 @@ or structured ones once NBD_OPT_STRUCTURED_REPLY was negotiated: the spec then r
 structured reply to every READ and prefers one for errors, which carry a message). Replies
 produced while the connection handles one socket callback (`batching`) are collected and
 written together when it ends; a reply produced outside one (a suspended request that
-finished) schedules the write for the end of the loop turn, so replies finishing together
-still share a write. How the parts go out: small parts (below `JOIN_MAX`) are joined into
+finished) is written when the callback that finished it ends (a page server link's reply
+callback, `inline.CallbackEnd`), or else on the next loop turn, so replies finishing
+together still share a write. How the parts go out: small parts (below `JOIN_MAX`) are joined into
 one buffer, big READ payloads are passed as they are, and where the loop does
 scatter/gather (uvloop's `writelines` hands every buffer to one writev; asyncio's, in 3.11,
 joins them) everything goes to one `writelines`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from remem_client.inline import callback_end
 from remem_client.nbd import wire
 
 if TYPE_CHECKING:
@@ -48,7 +50,7 @@ class ReplyWriter:
 
     __slots__ = (
         "_big",
-        "_loop",
+        "_end",
         "_out",
         "_scheduled",
         "batching",
@@ -59,7 +61,7 @@ class ReplyWriter:
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, scatter_gather: bool) -> None:
-        self._loop = loop
+        self._end = callback_end(loop)
         self.scatter_gather = scatter_gather
         self.transport: asyncio.Transport | None = None
         self.structured = False
@@ -67,7 +69,7 @@ class ReplyWriter:
         self.closed = False
         self._out: list[Part] = []
         self._big = False  # a part of JOIN_MAX or more is in _out
-        self._scheduled = False  # a flush is scheduled with call_soon
+        self._scheduled = False  # a flush is deferred (`CallbackEnd.defer`)
 
     def ok(self, handle: int) -> None:
         """A simple success reply (every command but a READ under structured replies)."""
@@ -76,7 +78,7 @@ class ReplyWriter:
         self._out.append(_pack_simple(_SIMPLE_MAGIC, 0, handle))
         if not self.batching and not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._end.defer(self.flush)
 
     def read(self, handle: int, offset: int, data: Part) -> None:
         """A successful READ of `offset`: header, then `data` as it is (never copied here)."""
@@ -96,7 +98,7 @@ class ReplyWriter:
             self._big = True
         if not self.batching and not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._end.defer(self.flush)
 
     def empty_read(self, handle: int) -> None:
         """A successful READ of 0 bytes (structured: one NONE chunk, as the spec wants)."""
@@ -121,7 +123,7 @@ class ReplyWriter:
         self._out.append(part)
         if not self.batching and not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._end.defer(self.flush)
 
     def flush(self) -> None:
         """Write the replies collected so far with as few transport writes as possible."""

@@ -43,9 +43,11 @@ import asyncio
 import logging
 from functools import partial
 from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from remem_client.backend import Backend, BackendError
+from remem_client.inline import callback_end
 from remem_client.metrics import RESULT_ERROR, RESULT_INVALID, RESULT_OK
 from remem_client.nbd import wire
 from remem_client.nbd.buffers import DIRECT_PAYLOAD, RX_SIZE, PartialWrite, RxBuffer
@@ -83,6 +85,7 @@ _NO_HOLE = wire.CMD_FLAG_NO_HOLE
 _FAST_ZERO = wire.CMD_FLAG_FAST_ZERO
 _DF = wire.CMD_FLAG_DF
 _unpack_request = wire.REQUEST.unpack_from
+_DATA = (bytes, bytearray, memoryview)
 
 
 class Limits:
@@ -213,6 +216,12 @@ class NbdConnection(BaseConnection):
         self._scratch: bytearray | None = None  # swallows bytes after input is closed
         self._limits = Limits(0, ctx.export.size)  # the real ones once negotiated
         self._done_cb = self._done
+        # The backend's coroutine-free start of a READ (`RemoteBackend.start_read`), where
+        # its requests run without a Task.
+        self._start_read: Callable[[int, int], Any] | None = (
+            getattr(self._backend, "start_read", None) if self._task_free else None
+        )
+        self._callback_end = callback_end(self._loop)
         self._held = 0  # bytes of payload buffers pinned by suspended writes
 
     # --- receiving ----------------------------------------------------------------------
@@ -238,25 +247,12 @@ class NbdConnection(BaseConnection):
 
     def buffer_updated(self, nbytes: int) -> None:
         payload = self._payload
-        replies = self._replies
         if payload is not None:
             payload.got += nbytes
             if payload.got < payload.length:
                 return
             self._payload = None
-            replies.batching = True
-            self._request(
-                payload.flags,
-                _WRITE,
-                payload.handle,
-                payload.offset,
-                payload.length,
-                payload.view,
-                payload.buf,
-            )
-            self._parse()
-            replies.batching = False
-            replies.flush()
+            self._serve_batch(payload)
             if self._handing_over:  # the WRITE it waited for is in: stop reading here
                 self._handover_step()
             return
@@ -266,10 +262,7 @@ class NbdConnection(BaseConnection):
         if self._in_handshake:
             self._feed_handshake()
             return
-        replies.batching = True
-        self._parse()
-        replies.batching = False
-        replies.flush()
+        self._serve_batch(None)
 
     def _enter_transmission(self, negotiated: Negotiated) -> None:
         self._in_handshake = False
@@ -277,14 +270,36 @@ class NbdConnection(BaseConnection):
         self._replies.structured = negotiated.structured_replies
         self._limits = Limits(negotiated.transmission_flags, self._ctx.export.size)
         if self._end > self._start:
-            self._replies.batching = True
-            self._parse()
-            self._replies.batching = False
-            self._replies.flush()
+            self._serve_batch(None)
         if self._eof:
             self.eof_received()
         elif self._paused & PAUSE_HANDSHAKE:
             self._resume(PAUSE_HANDSHAKE)
+
+    def _serve_batch(self, payload: PartialWrite | None) -> None:
+        """Start every complete request received (after `payload`'s WRITE, if one came
+        whole) as one batch: what they send to page servers leaves when the batch ends
+        (`inline.CallbackEnd`), then the replies of those already done go out together."""
+        replies = self._replies
+        callback_end = self._callback_end
+        replies.batching = True
+        callback_end.enter()
+        try:
+            if payload is not None:
+                self._request(
+                    payload.flags,
+                    _WRITE,
+                    payload.handle,
+                    payload.offset,
+                    payload.length,
+                    payload.view,
+                    payload.buf,
+                )
+            self._parse()
+        finally:
+            callback_end.exit()
+            replies.batching = False
+        replies.flush()
 
     def _compact(self) -> None:
         """Move the unconsumed tail to the front, or into a fresh buffer if this one is pinned."""
@@ -380,6 +395,9 @@ class NbdConnection(BaseConnection):
                 self._replies.empty_read(handle)
                 self._stats.observe(cmd, RESULT_OK, perf_counter() - t0)
                 return
+            if self._start_read is not None:
+                self._read(flags, handle, offset, length, t0)
+                return
             coro = backend.pread(offset, length)
         elif cmd == _WRITE:
             assert payload is not None
@@ -443,6 +461,30 @@ class NbdConnection(BaseConnection):
         request.runner = task
         self._track(request)
         task.add_done_callback(partial(self._task_done, request))
+
+    def _read(self, flags: int, handle: int, offset: int, length: int, t0: float) -> None:
+        """A READ through the backend's `start_read`: done at once, or waiting on a batch
+        with no coroutine (`Driven.wait_then`), or carried on by the coroutine it gives."""
+        assert self._start_read is not None
+        try:
+            started = self._start_read(offset, length)
+        except Exception as exc:
+            self._failed(_READ, flags, handle, t0, exc)
+            return
+        if started is None:  # nothing started: the whole `pread` decides
+            self._run(
+                self._backend.pread(offset, length), _READ, flags, handle, offset, length, t0, None
+            )
+            return
+        if isinstance(started, _DATA):
+            self._succeed(_READ, handle, offset, length, t0, started)
+        elif type(started) is not CoroutineType and hasattr(started, "finish"):
+            # Waiting on `started.future`; `started.finish` then completes it.
+            request = Request(_READ, flags, handle, offset, length, t0, None)
+            self._track(request)
+            request.wait_then(started.future, started.finish, self._done_cb)
+        else:
+            self._run(started, _READ, flags, handle, offset, length, t0, None)
 
     def _track(self, request: Request) -> None:
         """Count a suspended request and the payload buffer it holds; pause past the bounds."""

@@ -12,7 +12,7 @@ Where a write goes (the kernel swapping out one 4 KiB page):
    `remote.writes`, which seals it (AES-GCM, `sealing`), asks `remote.slabmap` for the
    slab's live replicas (placement allocates them on the slab's first write) and submits
    one put per replica to its link (`remote.linkpool`).
-4. Each page server link (`links.PageServerLink`) gathers the puts of this event-loop turn
+4. Each page server link (`links.PageServerLink`) gathers the puts of this socket callback
    into one `put_pages_request`; the page server (`remem_pageserver.server`) checks the
    checksums and copies the pages into its RAM arena under /dev/shm
    (`remem_pageserver.store.PageStore.put`), then replies.

@@ -5,15 +5,22 @@ does and how a write travels through them) and routes each request: reads throug
 read-ahead, the plain-Python fast path, or the general path with its mirror fallback;
 writes, trims and zeroing through the read-ahead filter and write ordering to the mirror
 fallback's store. Partial-page writes are read, patched and written whole here.
+
+Reads also begin without a coroutine (`start_read`, which the NBD layer calls): a small
+read of written pages waits on its page server batch as a `PendingRead`, and the NBD
+layer's callback on that batch finishes it (`PendingRead.finish`), so a 4 KiB read costs
+no coroutine; anything unusual carries on as the coroutine `finish` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from remem_common.protocol.pages import PAGE_SIZE, SLAB_PAGES, PageArray
@@ -23,7 +30,7 @@ from remem_client.mirror_link import MirrorFailure, MirrorLink
 from remem_client.readahead import ReadAhead, ReadAheadFilter
 from remem_client.remote.core import Core
 from remem_client.remote.fallback import MirrorFallback
-from remem_client.remote.linkpool import FAST_PAGES, LinkPool, Links
+from remem_client.remote.linkpool import FAST_PAGES, GetResult, LinkPool, Links, ReplicaFailure
 from remem_client.remote.ordering import WriteOrdering
 from remem_client.remote.pagemap import PageMap
 from remem_client.remote.reads import ReplicaReads
@@ -175,12 +182,10 @@ class RemoteBackend:
         return self._size
 
     async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        first = offset // PAGE_SIZE
-        last = (offset + length - 1) // PAGE_SIZE
-        count = last - first + 1
-        skip = offset - first * PAGE_SIZE
-        ahead = self._ahead
-        if ahead.ring is not None:
+        started = self.start_read(offset, length)
+        if started is None:  # the read-ahead ring may serve it
+            first, count, skip = _page_span(offset, length)
+            ahead = self._ahead
             plain = ahead.lookup(first, count)
             if plain is None and (fetching := ahead.pending(first, count)) is not None:
                 await asyncio.wait((fetching,))  # not `await`: cancelling us must not cancel it
@@ -188,17 +193,51 @@ class RemoteBackend:
             ahead.follow(first, count)
             if plain is not None:
                 return plain[skip : skip + length]
+            started = self._start_remote(first, count, skip, length)
+        if isinstance(started, PendingRead):
+            # A failure is `finish`'s to see: it takes the general path, which fails over.
+            with contextlib.suppress(ReplicaFailure):
+                await started.future
+            started = started.finish(started.future)
+        data: bytes | bytearray | memoryview = (
+            await started if asyncio.iscoroutine(started) else started
+        )
+        return data
+
+    def start_read(self, offset: int, length: int) -> Any:
+        """`pread` begun without a coroutine, for the NBD layer's hot path. Gives the bytes;
+        a `PendingRead`, waiting on a page server batch (its `finish` then gives the bytes,
+        or a coroutine that completes the read); a coroutine that completes the read; or
+        None, having done nothing: the read-ahead ring may serve it, run `pread`."""
+        first = offset // PAGE_SIZE
+        count = (offset + length - 1) // PAGE_SIZE - first + 1
+        ahead = self._ahead
+        if ahead.ring is not None:
+            if ahead.may_serve(first, count):
+                return None
+            ahead.follow(first, count)
+        return self._start_remote(first, count, offset - first * PAGE_SIZE, length)
+
+    def _start_remote(self, first: int, count: int, skip: int, length: int) -> Any:
+        """A read the ring does not serve: the plain-Python fast path where it can (its
+        batch, or zeros), else the general path (a coroutine)."""
         slab = first // SLAB_PAGES
         pages = self.pages
         if (
             count <= FAST_PAGES
-            and last // SLAB_PAGES == slab
+            and (first + count - 1) // SLAB_PAGES == slab
             and not pages.unknown[slab]
             and not pages.any_unreplicated(first, count)
         ):
-            fast = await self._reads.read_fast(first, count, slab)
+            fast = self._reads.start_fast(first, count, slab)
+            if isinstance(fast, tuple):
+                future, start = fast
+                return PendingRead(self, future, start, first, count, skip, length)
             if fast is not None:
                 return fast[skip : skip + length]
+        return self._read_general(first, count, skip, length)
+
+    async def _read_general(self, first: int, count: int, skip: int, length: int) -> memoryview:
         rows = await self._fallback.load(first, count)
         return memoryview(rows.data).cast("B")[skip : skip + length]
 
@@ -296,6 +335,39 @@ class RemoteBackend:
             await closer()
         if self.sealer is not None:
             self.sealer.close()
+
+
+@dataclass(slots=True, eq=False)
+class PendingRead:
+    """A fast-path read waiting on the page server batch it joined (`start_read`)."""
+
+    backend: RemoteBackend
+    future: asyncio.Future[GetResult]
+    start: int  # this read's first row in the batch's answer
+    first: int
+    count: int
+    skip: int  # bytes into the first page where the read starts
+    length: int
+
+    def finish(self, future: asyncio.Future[GetResult]) -> Any:
+        """Once `future` (the batch) is done: the bytes, or the general path's coroutine
+        (a replica failing, a page missing or damaged: it fails over and reports)."""
+        backend = self.backend
+        try:
+            result = future.result()
+        except ReplicaFailure:
+            plain = None
+        else:
+            plain = backend._reads.finish_fast(result, self.start, self.first, self.count)
+        if plain is None:
+            return backend._read_general(self.first, self.count, self.skip, self.length)
+        return plain[self.skip : self.skip + self.length]
+
+
+def _page_span(offset: int, length: int) -> tuple[int, int, int]:
+    """(first page, page count, bytes into the first page) of a byte range."""
+    first = offset // PAGE_SIZE
+    return first, (offset + length - 1) // PAGE_SIZE - first + 1, offset - first * PAGE_SIZE
 
 
 def _partial_edges(offset: int, end: int, first_full: int, last_full: int) -> list[tuple[int, int]]:

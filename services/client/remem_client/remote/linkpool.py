@@ -56,7 +56,7 @@ class Replica:
 
 class Link(Protocol):
     """What the backend submits to one page server (see `links.PageServerLink`). Every
-    submit joins this loop turn's batch and returns the batch's future; it raises
+    submit joins this callback's batch and returns the batch's future; it raises
     `ReplicaFailure` at once if the link is closed."""
 
     def submit_get(self, keys: Any, first: int, last: int) -> tuple[asyncio.Future[GetResult], int]:

@@ -16,6 +16,7 @@ unusual; and `read_pages`, the general path, which decides everything. `fetch_se
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import struct
@@ -78,7 +79,25 @@ class ReplicaReads(Part):
     async def read_fast(self, first: int, count: int, slab: int) -> memoryview | None:
         """Small reads within one slab in plain Python (numpy's per-call cost dominates a
         4 KiB read). None when the general path must decide: some pages written and some
-        not, a replica failing, or a checksum mismatch."""
+        not, a replica failing, or a checksum mismatch.
+
+        In two halves, `start_fast` and `finish_fast`, for a caller that waits for the
+        batch itself (`RemoteBackend.start_read`: no coroutine per read)."""
+        started = self.start_fast(first, count, slab)
+        if not isinstance(started, tuple):
+            return started
+        future, start = started
+        try:
+            result = await future
+        except ReplicaFailure:
+            return None  # the general path fails over and reports
+        return self.finish_fast(result, start, first, count)
+
+    def start_fast(
+        self, first: int, count: int, slab: int
+    ) -> memoryview | tuple[asyncio.Future[GetResult], int] | None:
+        """`read_fast` up to its wait: the pages (never written: zeros), or the batch to
+        wait for and this read's first row in it, or None (the general path decides)."""
         bits = self._pages.written_bits(first, count)
         if bits == 0:
             self._stats.pages_read_zero += count
@@ -92,7 +111,7 @@ class ReplicaReads(Part):
         links = self._links
         link = links.link(live[slab % len(live)])
         if not link.gathering("get"):
-            # Another replica already gathering a GET this turn takes the read too: one
+            # Another replica already gathering a GET now takes the read too: one
             # message of many pages costs far less than one per server (a ZeroMQ message
             # costs tens of microseconds of CPU on each side), and the turns rotate over
             # the replicas by slab, which still spreads the load.
@@ -102,10 +121,14 @@ class ReplicaReads(Part):
                     link = other_link
                     break
         try:
-            future, start = link.submit_get(run_keys(first, count), first, first + count - 1)
-            result = await future
+            return link.submit_get(run_keys(first, count), first, first + count - 1)
         except ReplicaFailure:
             return None  # the general path fails over and reports
+
+    def finish_fast(
+        self, result: GetResult, start: int, first: int, count: int
+    ) -> memoryview | None:
+        """`read_fast` once its batch is answered (rows from `start` on)."""
         whole = _whole_run(result, start, count, sealed=self._sealer is not None)
         # None: the general path fails over, counts and reports.
         return None if whole is None else self.open_sealed(first, count, *whole)
@@ -226,7 +249,9 @@ class ReplicaReads(Part):
             crcs = result.crcs[start : start + sub.shape[0]]
             data = result.data[start : start + sub.shape[0]]
             good = found.copy()
-            if good.any():
+            if good.all():  # no gathering copy of the pages for the usual case
+                good = checksum_pages(data) == crcs
+            elif good.any():
                 good[good] = checksum_pages(data[good]) == crcs[good]
             cipher = data
             seals = result.seals[start : start + sub.shape[0]]

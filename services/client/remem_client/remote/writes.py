@@ -1,7 +1,7 @@
 """Replica writes: pages sealed once and put on every live replica; deletes (trims).
 
 A write goes to every live replica and push target of each slab it touches at once,
-batched with other requests of the same loop turn (`links`), and completes when all of them
+batched with other requests of the same callback (`links`), and completes when all of them
 acknowledged. A replica that fails is dropped from use and reported to placement, and the
 write completes on the rest: at least one replica, not just a push target, must store it,
 else the write fails (`BackendError`: the network is down, and the caller may turn to the

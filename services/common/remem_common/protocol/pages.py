@@ -20,6 +20,7 @@ the page size and matches the declared count, so a short or long page is refused
 
 from __future__ import annotations
 
+import struct
 import sys
 from typing import Any
 
@@ -41,6 +42,12 @@ MAX_BATCH_PAGES = 1024
 # Batches up to this many pages are checked in plain Python rather than numpy (through
 # native-order memoryview casts, so only where native order is the wire's).
 SMALL_BATCH = 64
+# Batches up to this many pages are served by the page server without a numpy array (the
+# `*_words` and `rows_view` codecs below): a numpy call costs a microsecond warm and several
+# with the cold caches of a server woken for one message, and most batches are a few pages.
+SMALL_PAGES = 16
+# Little-endian u32 words of a small batch's keys (two a page) or checksums, by word count.
+_U32_WORDS = [struct.Struct(f"<{words}I") for words in range(2 * SMALL_PAGES + 1)]
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 KEY_DTYPE = np.dtype([("slab", "<u4"), ("page", "<u4")])
@@ -98,6 +105,29 @@ def unpack_keys(frame: Any, count: int) -> KeyArray:
     return keys
 
 
+def key_words(frame: Any, count: int) -> tuple[int, ...]:
+    """The keys of a batch of `count` <= SMALL_PAGES pages as words (slab, page, slab, page,
+    ...); checks what `unpack_keys` checks, with the same errors."""
+    view = memoryview(frame)
+    if view.nbytes != count * KEY_DTYPE.itemsize:
+        raise _bad(f"keys frame of {view.nbytes} bytes for {count} pages")
+    words: tuple[int, ...] = _U32_WORDS[2 * count].unpack(view)
+    if count and max(words[1::2]) >= SLAB_PAGES:
+        raise _bad(f"page index past the slab's {SLAB_PAGES} pages")
+    if count > 1 and len(set(zip(words[::2], words[1::2], strict=True))) != count:
+        raise _bad("the same page twice in one batch")
+    return words
+
+
+def crc_words(frame: Any, count: int) -> tuple[int, ...]:
+    """The checksums of a batch of `count` <= SMALL_PAGES pages; checked as `unpack_crcs`."""
+    view = memoryview(frame)
+    if view.nbytes != count * CRC_DTYPE.itemsize:
+        raise _bad(f"checksum frame of {view.nbytes} bytes for {count} pages")
+    crcs: tuple[int, ...] = _U32_WORDS[count].unpack(view)
+    return crcs
+
+
 def unpack_page_indices(frame: Any, count: int) -> U32Array:
     """View a frame of `count` u32 page indices within one slab; checks length and range."""
     view = memoryview(frame)
@@ -120,12 +150,22 @@ def unpack_crcs(frame: Any, count: int) -> U32Array:
     return crcs
 
 
-def _unpack_rows(frame: Any, count: int, width: int, what: str) -> PageArray:
+def _rows(frame: Any, count: int, width: int, what: str) -> memoryview:
     view = memoryview(frame)
     if view.nbytes != count * width:
         raise _bad(f"{what} frame of {view.nbytes} bytes is not {count} x {width} bytes")
-    rows: PageArray = np.frombuffer(view, dtype=np.uint8).reshape(count, width)
-    return rows
+    return view
+
+
+def _unpack_rows(frame: Any, count: int, width: int, what: str) -> PageArray:
+    rows: PageArray = np.frombuffer(_rows(frame, count, width, what), dtype=np.uint8)
+    return rows.reshape(count, width)
+
+
+def rows_view(frame: Any, count: int, width: int, what: str) -> memoryview:
+    """A frame of `count` rows of `width` bytes (the `what` frame: data, seals) as a flat
+    byte view; refuses any other length, as `unpack_pages` and `unpack_seals` do."""
+    return _rows(frame, count, width, what).cast("B")
 
 
 def unpack_pages(frame: Any, count: int) -> PageArray:
@@ -149,3 +189,13 @@ def checksum_pages(pages: PageArray) -> U32Array:
 def bad_checksums(pages: PageArray, crcs: U32Array) -> npt.NDArray[np.intp]:
     """Indices of pages whose data does not match their checksum."""
     return np.flatnonzero(checksum_pages(pages) != crcs)
+
+
+def bad_row_checksums(data: memoryview, crcs: tuple[int, ...]) -> list[int]:
+    """`bad_checksums` of a small batch: `data` its pages back to back (`rows_view`)."""
+    crc = crc32c.crc32c
+    return [
+        index
+        for index, expected in enumerate(crcs)
+        if crc(data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]) != expected
+    ]

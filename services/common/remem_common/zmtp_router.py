@@ -1,4 +1,5 @@
-"""The page server's ROUTER without libzmq: ZMTP 3.0 served from the page server's own thread.
+"""A ROUTER without libzmq: ZMTP 3.0 served from its owner's thread (the page server's loop,
+the mirror's).
 
 Why: a libzmq socket moves every message through its I/O thread, so each request and its
 reply wake that thread and switch to it and back. Profiled under fio 4K random reads through
@@ -10,7 +11,8 @@ Scope: the NULL mechanism (plaintext: `remem up`'s Unix sockets, `--insecure`) o
 path and tcp:// to an IP address or `*`; `router.open_router` picks it, or libzmq (Curve,
 other endpoints), once at start. Any ZMTP 3 peer talks to it: the client's in-loop DEALER
 (`remem_client.zmtp`), libzmq DEALER, REQ and ROUTER sockets (placement, other page servers'
-slab pushes, admin tools). The codec is `remem_common.zmtp`.
+slab pushes, admin tools). The codec is `remem_common.zmtp`. The page server serves its
+ROUTER with it, and so does the mirror (`keep_frames`: its writer thread holds the pages).
 
 What it keeps of libzmq's ROUTER, since peers rely on it:
 
@@ -30,8 +32,11 @@ What it keeps of libzmq's ROUTER, since peers rely on it:
 Data path: one level-triggered epoll set over the listener and every connection; its own fd
 is what the page server's zmq.Poller watches beside the slab pushes' libzmq sockets. A
 readable connection gets one recv_into per wake-up into its reader's reusable buffer (so a
-busy peer cannot starve the others); the messages completed are handled right away, and
-their frames point into that buffer, so a handler must be done with them when it returns.
+busy peer cannot starve the others; only a large message is read on through, a few MiB at
+most); the messages completed are handled right away, and
+their frames point into that buffer, so a handler must be done with them when it returns
+(with `keep_frames`, each buffer is filled once and left to the frames that point into it,
+so a handler may queue them for another thread).
 Replies written meanwhile are gathered per peer and written by one sendmsg after the read's
 messages (header and body buffers, pages not copied); what the kernel does not take waits
 in the peer's queue, with EPOLLOUT armed until it is written.
@@ -64,7 +69,7 @@ from remem_common.zmtp import (
     zmtp_buffers,
 )
 
-log = logging.getLogger("pageserver.zmtp")
+log = logging.getLogger("zmtp")
 
 Frames = list[Any]
 Handler = Callable[[Frames], None]
@@ -75,6 +80,11 @@ BACKLOG = 100
 HANDSHAKE_TIMEOUT = 30.0
 # Connections accepted per wake-up, so a flood of connects cannot stall the data path.
 ACCEPT_BURST = 64
+# A read of at least this many bytes that completed no message is followed by another in
+# the same wake-up, up to LARGE_READS reads (a peer's large message, not many peers' small
+# ones).
+LARGE_READ = 32 << 10
+LARGE_READS = 64
 # Replies gathered from one read before they are written anyway: bounds a cork's queue.
 CORK_MESSAGES = 64
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -95,8 +105,9 @@ class _Peer:
 
     def __init__(self, sock: socket.socket, router: ZmtpRouter) -> None:
         self.sock = sock
-        # Reusing its buffer: the router hands each message to its handler before it reads on.
-        self.reader = FrameReader(partial(router._on_command, self), reuse=True)
+        # Reusing its buffer unless the handler keeps frames: the router hands each message
+        # to its handler before it reads on.
+        self.reader = FrameReader(partial(router._on_command, self), reuse=not router.keep_frames)
         self.routing_id: bytes | None = None  # set by the peer's READY
         # Messages not yet (wholly) written: each a list of buffers; the first may have lost
         # a written prefix.
@@ -114,8 +125,10 @@ class ZmtpRouter:
         *,
         hwm: int = HWM,
         on_violation: Callable[[ZmtpError], None] | None = None,
+        keep_frames: bool = False,
     ) -> None:
         self.hwm = hwm
+        self.keep_frames = keep_frames
         # Replies gathered during a read are written at the latest when this many wait, so
         # the high-water mark also holds for what a cork gathers.
         self._cork_limit = min(CORK_MESSAGES, hwm)
@@ -206,12 +219,27 @@ class ZmtpRouter:
                 if (info.st_dev, info.st_ino) == self._ipc_inode:
                     os.unlink(path)  # not if a successor has bound the path since
 
-    def close(self) -> None:
-        """Unbind and close every connection (unwritten messages are dropped)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Unbind and close every connection; messages not yet written get up to `linger_ms`
+        to leave (as libzmq's LINGER), then are dropped."""
         self.unbind()
+        if linger_ms > 0:
+            self._linger(time.monotonic() + linger_ms / 1000)
         for peer in list(self._peers.values()):
             self._close(peer)
         self._epoll.close()
+
+    def _linger(self, deadline: float) -> None:
+        """Write queued messages until done or `deadline` (nothing is read meanwhile)."""
+        while (waiting := [peer for peer in self._peers.values() if peer.out]) and (
+            left := deadline - time.monotonic()
+        ) > 0:
+            poller = select.poll()
+            by_fd = {peer.sock.fileno(): peer for peer in waiting}
+            for fd in by_fd:
+                poller.register(fd, select.POLLOUT)
+            for fd, _event in poller.poll(left * 1000):
+                self._flush(by_fd[fd])  # closes the peer if it is gone
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -224,9 +252,11 @@ class ZmtpRouter:
             self._sweep_handshakes()
         return handled
 
-    def drain(self, handle: Handler) -> int:
-        """Handle what is waiting, without blocking (`serve` with no wait)."""
-        return self.serve(handle, 0)
+    def drain(self, handle: Handler, reads: int = -1) -> int:
+        """Handle what is waiting, without blocking (`serve` with no wait); from at most
+        `reads` connections' reads (each read's messages all go to `handle`), if positive."""
+        events = self._epoll.poll(0, reads)
+        return self._process(events, handle) if events else 0
 
     def _process(self, events: list[tuple[int, int]], handle: Handler) -> int:
         handled = 0
@@ -248,19 +278,21 @@ class ZmtpRouter:
 
     def _read(self, peer: _Peer, handle: Handler) -> int:
         try:
-            nbytes = peer.sock.recv_into(peer.reader.buffer())
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError:
-            self._close(peer)  # reset by the peer
-            return 0
-        if not nbytes:
-            self._close(peer)
-            return 0
-        try:
-            messages = peer.reader.advance(nbytes)
+            for _ in range(LARGE_READS):
+                nbytes = peer.sock.recv_into(peer.reader.buffer())
+                if not nbytes:
+                    self._close(peer)
+                    return 0
+                messages = peer.reader.advance(nbytes)
+                # Read on through a large message while its bytes keep coming: a wake-up
+                # (poll, epoll, Python) per socket buffer's worth cost the mirror more user
+                # time per 4 MiB batch than libzmq's I/O thread did.
+                if messages or nbytes < LARGE_READ:
+                    break
             if messages and peer.routing_id is None:
                 raise ZmtpError("a message before the peer's READY")
+        except (BlockingIOError, InterruptedError):
+            return 0
         except ZmtpError as exc:
             self.violations += 1
             log.warning("a peer broke ZMTP, closing its connection: %s", exc)
@@ -271,6 +303,9 @@ class ZmtpRouter:
         except _Refused as exc:
             log.info("closing a connection: %s", exc)
             self._close(peer)
+            return 0
+        except OSError:
+            self._close(peer)  # reset by the peer
             return 0
         if not messages:
             return 0
@@ -352,6 +387,20 @@ class ZmtpRouter:
             return False
         self._queue(peer, zmtp_buffers(frames[1:]))
         return True
+
+    def send_all(self, messages: Sequence[Sequence[Any]]) -> int:
+        """`send` each message; each peer's are written by one sendmsg. Returns how many
+        were dropped at the high-water mark."""
+        dropped = 0
+        corked, self._corked = self._corked, True
+        try:
+            for frames in messages:
+                dropped += not self.send(frames)
+        finally:
+            self._corked = corked
+            if not corked:
+                self._flush_dirty()
+        return dropped
 
     def _queue(self, peer: _Peer, buffers: list[Any]) -> None:
         peer.out.append(buffers)

@@ -1,34 +1,33 @@
-"""The page server's data socket: one ROUTER that every client, placement and peer talks to.
+"""A service's data socket: one ROUTER that all its peers talk to (the page server's, the
+mirror's).
 
 `open_router` picks the implementation once, at start, so nothing on the hot path branches
 on it (as the client's `remem_client.dealer.open_dealer` does for its DEALERs):
 
 - plaintext, to an ipc:// path or a tcp:// IP address (`remem up`'s Unix sockets,
-  `--insecure`): `zmtp_router.ZmtpRouter`, ZMTP served from the page server's thread, with
+  `--insecure`): `zmtp_router.ZmtpRouter`, ZMTP served from the service's own thread, with
   no libzmq I/O thread to wake for each message (zmtp_router.py says why);
 - Curve (libzmq alone implements its mechanism here), or an endpoint only libzmq binds (a
-  host or interface name, ipc://@abstract): `LibzmqRouter`, a libzmq ROUTER as before.
+  host or interface name, ipc://@abstract): `LibzmqRouter`, a libzmq ROUTER.
 
-Both are driven the same way by the page server's loop: `serve` waits for and handles
-messages, `drain` handles what is waiting, `send` answers; `pollable` is what its zmq.Poller
-watches while a slab push runs.
+Both are driven the same way by the service's loop: `serve` waits for and handles
+messages, `drain` handles what is waiting, `send` answers; `pollable` is what a zmq.Poller
+watches when the loop also waits for something else (the page server's slab pushes, the
+mirror's writer replies).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import zmq
+
 from remem_common.security import Security
 from remem_common.zmq_io import has_message, recv_frames, send_frames
 from remem_common.zmtp import ZmtpError
-
-from remem_pageserver.zmtp_router import ZmtpRouter, speaks_zmtp
-
-log = logging.getLogger("pageserver")
+from remem_common.zmtp_router import ZmtpRouter, speaks_zmtp
 
 Handler = Callable[[list[Any]], None]
 # Messages taken from a libzmq ROUTER per wake-up before timers and push replies get a turn.
@@ -36,10 +35,11 @@ MAX_BURST = 256
 
 
 class Router(Protocol):
-    """The page server's ROUTER, whichever implementation; every call from the loop thread.
+    """A service's ROUTER, whichever implementation; every call from its loop thread.
 
     Messages reach the handler as `[routing_id, b"", header, *payload]`; the frames are valid
-    until the handler returns (copy what is kept longer).
+    until the handler returns (copy what is kept longer), unless the router was opened with
+    `keep_frames`.
     """
 
     @property
@@ -55,8 +55,10 @@ class Router(Protocol):
         """Wait up to `timeout_ms` for messages and handle them; returns how many."""
         ...
 
-    def drain(self, handle: Handler) -> int:
-        """Handle the messages waiting, without blocking; returns how many."""
+    def drain(self, handle: Handler, reads: int = MAX_BURST) -> int:
+        """Handle the messages waiting, without blocking; returns how many. At most `reads`
+        receives: a libzmq ROUTER's take one message each, the ZMTP router's the messages
+        one read of a connection completed (so a loop can stop reading when it must)."""
         ...
 
     def send(self, frames: Sequence[Any]) -> bool:
@@ -64,11 +66,18 @@ class Router(Protocol):
         high-water mark (a peer that is gone is dropped silently, True)."""
         ...
 
+    def send_all(self, messages: Sequence[Sequence[Any]]) -> int:
+        """`send` each message, written together where the router can (one write per peer);
+        returns how many were dropped at the high-water mark."""
+        ...
+
     def unbind(self) -> None:
         """Stop taking new connections."""
         ...
 
-    def close(self) -> None: ...
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; messages not yet written get up to `linger_ms` to leave."""
+        ...
 
 
 def open_router(
@@ -77,12 +86,15 @@ def open_router(
     security: Security,
     *,
     on_violation: Callable[[ZmtpError], None] | None = None,
+    keep_frames: bool = False,
 ) -> Router:
     """The router that will bind `endpoint`: ZMTP from the loop when the link is plaintext and
     ZMTP binds the endpoint, else libzmq. `on_violation` is told about each connection the
-    ZMTP router closes for breaking the protocol (libzmq drops such peers without telling)."""
+    ZMTP router closes for breaking the protocol (libzmq drops such peers without telling).
+    `keep_frames`: the handler may keep the frames it is given past its return (a libzmq
+    ROUTER's frames always may be kept)."""
     if not security.enabled and speaks_zmtp(endpoint):
-        return ZmtpRouter(on_violation=on_violation)
+        return ZmtpRouter(on_violation=on_violation, keep_frames=keep_frames)
     return LibzmqRouter(context, security)
 
 
@@ -119,12 +131,12 @@ class LibzmqRouter:
         handle(frames)
         return 1 + self.drain(handle)
 
-    def drain(self, handle: Handler) -> int:
+    def drain(self, handle: Handler, reads: int = MAX_BURST) -> int:
         handled = 0
         sock = self.socket
         # Asking EVENTS first: a zmq.Again raised at the end of every burst cost ~3% of a
         # one-page GET's CPU (exception and enum objects).
-        while handled < MAX_BURST and has_message(sock):
+        while handled < reads and has_message(sock):
             try:
                 frames = recv_frames(sock)
             except zmq.Again:
@@ -140,11 +152,14 @@ class LibzmqRouter:
             return False
         return True
 
+    def send_all(self, messages: Sequence[Sequence[Any]]) -> int:
+        return sum(not self.send(frames) for frames in messages)
+
     def unbind(self) -> None:
         endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT)
         assert isinstance(endpoint, bytes)
         with contextlib.suppress(zmq.ZMQError):
             self.socket.unbind(endpoint.decode())
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.socket.close(linger=linger_ms)
