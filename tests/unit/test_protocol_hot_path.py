@@ -8,6 +8,11 @@ import json
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from remem_common.protocol.client_mirror import (
+    MIRROR_REPLY_ADAPTER,
+    WritePagesReply,
+    parse_write_pages_reply,
+)
 from remem_common.protocol.client_pageserver import (
     DATA_REQUEST_ADAPTER,
     get_pages_reply_header,
@@ -78,6 +83,37 @@ def test_reply_headers_parse_to_the_models_fields() -> None:
     common = {"version": 1, "msg_id": 0, "status": "ok"}
     assert get == {**common, "parent_id": 9, "type": "get_pages_reply", "count": 3}
     assert put == {**common, "parent_id": 10, "type": "put_pages_reply", "stored": 4}
+
+
+def mirror_reply_variants() -> list[bytes]:
+    """A write_pages_reply as the mirror writes it, and near misses of every kind."""
+    good = WritePagesReply(msg_id=0, parent_id=41, written=8).model_dump_json()
+    variants = [good, good.replace(":", ": "), good.replace('"version":1', '"version":2')]
+    variants += [good.replace('"parent_id":41', f'"parent_id":{p}') for p in (0, -1, "041")]
+    variants += [good.replace('"written":8', f'"written":{w}') for w in (0, -8, 10**17)]
+    variants += [good.replace('"ok"', '"error"'), good.replace("write_pages", "read_pages")]
+    variants += [good.replace("}", ',"extra":1}'), good + " ", good[:-1]]
+    return [variant.encode() for variant in variants]
+
+
+@pytest.mark.parametrize("header", mirror_reply_variants())
+def test_mirror_write_reply_parser_accepts_only_what_the_models_accept_alike(
+    header: bytes,
+) -> None:
+    parsed = parse_write_pages_reply(header)
+    try:
+        model = MIRROR_REPLY_ADAPTER.validate_json(header)
+    except ValidationError:
+        assert parsed is None
+        return
+    if parsed is not None:
+        assert isinstance(model, WritePagesReply)
+        assert parsed == (model.parent_id, model.written)
+
+
+def test_mirror_write_reply_parser_reads_the_mirrors_header() -> None:
+    header = WritePagesReply(msg_id=0, parent_id=2**40, written=1024).model_dump_json()
+    assert parse_write_pages_reply(memoryview(header.encode())) == (2**40, 1024)
 
 
 def refusal(call: object, *args: object) -> str | None:

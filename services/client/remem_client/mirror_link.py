@@ -39,6 +39,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +62,7 @@ from remem_common.protocol.client_mirror import (
     WriteExtentsRequest,
     WritePagesRequest,
     pack_extents,
+    parse_write_pages_reply,
 )
 from remem_common.protocol.envelope import ErrorReply
 from remem_common.protocol.pages import PAGE_SIZE, PageArray
@@ -258,8 +260,23 @@ class MirrorLink(Link[MirrorReply]):
             self._room.clear()
             await self._room.wait()
 
-    async def write_behind(self, first: int, pages: PageArray) -> None:
-        """Queue pages for the mirror and return once they are in the write cache."""
+    def write_behind(self, first: int, pages: PageArray) -> Awaitable[None]:
+        """Queue pages for the mirror; awaited, returns once they are in the write cache.
+
+        A page-out that need not wait (most) is queued now, with no coroutine."""
+        count = pages.shape[0]
+        if (
+            count <= MAX_MIRROR_PAGES
+            and self.up
+            and not self.closed
+            and not (self.cache_bytes and self.cache_bytes + count * PAGE_SIZE > self.cache_limit)
+            and len(self._pending) < MAX_IN_FLIGHT
+        ):
+            self.queue_write(first, pages.tobytes())
+            return _QUEUED
+        return self._write_behind(first, pages)
+
+    async def _write_behind(self, first: int, pages: PageArray) -> None:
         if not self.usable():
             self._missed()
             return
@@ -423,24 +440,29 @@ class MirrorLink(Link[MirrorReply]):
     def _on_reply(self, frames: list[Any]) -> None:
         if self.closed:
             return
+        # The answer to a write, in the mirror's own form, is read without pydantic
+        # (`parse_write_pages_reply`); any other message is validated (and, if malformed,
+        # counted) by the table.
+        parsed = (
+            parse_write_pages_reply(frames[1]) if len(frames) == 2 and not len(frames[0]) else None
+        )
+        if parsed is not None:
+            parent_id = parsed[0]
+            written_future = self._pending.take_answered(parent_id)
+            if written_future is None:
+                return  # late (counted)
+            self._answered(parent_id, failed=False)
+            if not written_future.done():
+                # Nobody reads a write's reply (its writers only wait for it).
+                written_future.set_result(None)
+            return
         taken = self._pending.take(frames)
         if taken is None:
             # Malformed, or late: the mirror was lost meanwhile, and losing it dropped every
             # request in flight with its carried entries (counted).
             return
         reply, payload, future = taken
-        carried = self._carried.pop(reply.parent_id, None)
-        for cache_entry in carried or ():
-            cached = self._cache.pop(cache_entry, None)
-            if cached is not None:
-                self.cache_bytes -= len(cached[2])
-                if not isinstance(reply, ErrorReply):
-                    self.written_bytes += len(cached[2])
-        if reply.parent_id in self._behind_in_flight:
-            self._behind_in_flight.discard(reply.parent_id)
-            if self._gathered and not self._flush_due:
-                self._send_gathered()  # what gathered while the window was full
-        self._room.set()
+        carried = self._answered(reply.parent_id, failed=isinstance(reply, ErrorReply))
         if future.done():
             return
         if isinstance(reply, ErrorReply):
@@ -462,6 +484,23 @@ class MirrorLink(Link[MirrorReply]):
             future.set_result((reply, data))
         else:
             future.set_result(reply)
+
+    def _answered(self, parent_id: int, *, failed: bool) -> list[int] | None:
+        """Request `parent_id` was answered: its carried entries leave the write cache, and
+        what gathered meanwhile may go; returns those entries (None: it carried none)."""
+        carried = self._carried.pop(parent_id, None)
+        for cache_entry in carried or ():
+            cached = self._cache.pop(cache_entry, None)
+            if cached is not None:
+                self.cache_bytes -= len(cached[2])
+                if not failed:
+                    self.written_bytes += len(cached[2])
+        if parent_id in self._behind_in_flight:
+            self._behind_in_flight.discard(parent_id)
+            if self._gathered and not self._flush_due:
+                self._send_gathered()  # what gathered while the window was full
+        self._room.set()
+        return carried
 
     def _expired(self, future: asyncio.Future[Any]) -> None:
         """A request went unanswered for `timeout` seconds: the mirror is lost."""
@@ -501,6 +540,19 @@ class MirrorLink(Link[MirrorReply]):
         self._gathered, self._gathered_pages = [], 0
         self.cache_bytes = 0
         self._room.set()
+
+
+class _Queued:
+    """An awaitable that is done at once (`write_behind` that did not wait)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that is done at its first step
+
+
+_QUEUED = _Queued()
 
 
 def consume_outcome(future: asyncio.Future[Any]) -> None:

@@ -213,6 +213,8 @@ class PageSealer:
         """Encrypt device pages first, first + 1, ...; returns (ciphertext, seals) arrays of
         shapes (N, 4096) and (N, 28), fresh nonces in the seals."""
         count = plain.shape[0]
+        if count == 1 and plain.flags.c_contiguous:
+            return self._seal_one(first, plain)
         seals = np.empty((count, SEAL_BYTES), dtype=np.uint8)
         if count < BATCH_LAYOUT_PAGES:
             return self._seal_each(first, plain, seals), seals
@@ -234,6 +236,22 @@ class PageSealer:
             seals[1::2, SEAL_NONCE_BYTES:] = heads[2::2]
             heads[2:count:2] = even_heads
         cipher: PageArray = out[: count * PAGE_SIZE].reshape(count, PAGE_SIZE)
+        return cipher, seals
+
+    def _seal_one(self, page: int, plain: PageArray) -> tuple[PageArray, PageArray]:
+        """`seal` of one page (most swap writes), with the fewest buffers and views."""
+        value = self._nonces.take(1)
+        aad = self._aad
+        _AAD_TAIL.pack_into(aad, self._aad_tail, page // SLAB_PAGES, page % SLAB_PAGES)
+        nonce = _NONCE.pack(value & _LOW64_MASK, value >> 64)
+        out = bytearray(PAGE_SIZE + SEAL_TAG_BYTES)
+        self._aead.encrypt_into(nonce, plain.data, aad, out)
+        seals: PageArray = np.frombuffer(nonce + out[PAGE_SIZE:], dtype=np.uint8).reshape(
+            1, SEAL_BYTES
+        )
+        cipher: PageArray = np.frombuffer(out, dtype=np.uint8, count=PAGE_SIZE).reshape(
+            1, PAGE_SIZE
+        )
         return cipher, seals
 
     def _seal_each(self, first: int, plain: PageArray, seals: PageArray) -> PageArray:

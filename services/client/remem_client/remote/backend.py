@@ -249,8 +249,16 @@ class RemoteBackend:
         if offset % PAGE_SIZE == 0 and end % PAGE_SIZE == 0:
             pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             first = offset // PAGE_SIZE
-            async with self._ordering.write(first, first + pages.shape[0] - 1):
+            # `async with` the entry, without its two coroutines (most of a swap write's
+            # layers): whole-page writes with no partial write in flight skip the scan.
+            ordering = self._ordering
+            entry = ordering.write(first, first + pages.shape[0] - 1)
+            try:
+                if ordering.partial_writes:
+                    await ordering.wait_earlier(entry)
                 await self._fallback.store(first, pages)
+            finally:
+                ordering.end(entry)
             return
         await self._read_modify_write(offset, end, lambda buf, skip: _patch(buf, skip, data))
 

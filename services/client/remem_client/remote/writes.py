@@ -59,80 +59,108 @@ class ReplicaWrites(Part):
             pages = pages.copy()
             seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)
         crcs = checksum_pages(pages)
+        # Submitted and awaited here, not in helper coroutines: each layer of the chain is
+        # resumed again at every wait, and a swap write is one slab segment of one page.
+        slabs = self._slabs
+        ordering = self._ordering
         waits: list[_SlabWrite] = []
         writing: list[int] = []
         try:
-            await self._submit_writes(first, pages, crcs, seals, waits, writing)
-            await self._await_writes(waits)
+            for seg_first, seg_count in slab_segments(first, count):
+                slab = seg_first // SLAB_PAGES
+                replicas = slabs.replicas[slab]
+                if replicas is None:
+                    replicas = await slabs.replicas_of(slab)
+                ordering.slab_write_began(slab)
+                writing.append(slab)
+                waits.append(
+                    self._submit_segment(
+                        first, pages, crcs, seals, seg_first, seg_count, slab, replicas
+                    )
+                )
+            for slab, seg_first, seg_count, futures in waits:
+                replicas = slabs.replicas[slab] or []  # as they were when the wait began
+                # Awaited one by one: a future joining them costs more than the writer
+                # resuming once more when the replies come in separate loop turns.
+                for _, future in futures:
+                    if future is not None and not future.done():
+                        try:
+                            await future
+                        except ReplicaFailure:
+                            continue  # counted by _check_stored
+                self._check_stored(slab, replicas, futures)
+                self._pages.set_written(seg_first, seg_count, True)
         finally:
             for slab in writing:
-                self._ordering.slab_write_ended(slab)
+                ordering.slab_write_ended(slab)
         self._stats.pages_written += count
 
-    async def _submit_writes(
+    def _submit_segment(
         self,
         first: int,
         pages: PageArray,
         crcs: U32Array,
         seals: PageArray,
-        waits: list[_SlabWrite],
-        writing: list[int],
-    ) -> None:
-        """Send each slab's part of a write to its replicas; fills `waits` and `writing`."""
+        seg_first: int,
+        seg_count: int,
+        slab: int,
+        replicas: list[Replica],
+    ) -> _SlabWrite:
+        """Send one slab's part of a write to its replicas and push targets."""
         slabs = self._slabs
-        for seg_first, seg_count in slab_segments(first, pages.shape[0]):
-            slab = seg_first // SLAB_PAGES
-            replicas = await slabs.replicas_of(slab)
-            self._ordering.slab_write_began(slab)
-            writing.append(slab)
-            offset = seg_first - first
-            keys = run_keys(seg_first, seg_count)
-            rows = pages[offset : offset + seg_count]
-            seg_crcs = crcs[offset : offset + seg_count]
-            seg_seals = seals[offset : offset + seg_count]
-            futures: list[tuple[Replica, asyncio.Future[Any] | None]] = []
-            targets = slabs.write_targets(slab, replicas)
+        offset = seg_first - first
+        end = offset + seg_count
+        keys = run_keys(seg_first, seg_count)
+        rows, seg_crcs, seg_seals = pages[offset:end], crcs[offset:end], seals[offset:end]
+        futures: list[tuple[Replica, asyncio.Future[Any] | None]] = []
+        filling = slabs.filling[slab]
+        targets = slabs.write_targets(slab, replicas)
+        if len(targets) != len(replicas) + len(filling):
             # A replica or push target left out (failing, backing off) misses this write
             # like one that fails it: None stands for its future.
-            futures += [(r, None) for r in [*replicas, *slabs.filling[slab]] if r not in targets]
-            last = seg_first + seg_count - 1
-            for replica in targets:
-                try:
-                    future = self._links.link(replica).submit_put(
-                        keys, seg_crcs, rows, seg_seals, seg_first, last
-                    )
-                except ReplicaFailure as failure:
-                    slabs.replica_failed(failure, slab)
-                    futures.append((replica, None))
-                else:
-                    futures.append((replica, future))
-            waits.append((slab, seg_first, seg_count, futures))
+            futures += [(r, None) for r in [*replicas, *filling] if r not in targets]
+        last = seg_first + seg_count - 1
+        link = self._links.link
+        for replica in targets:
+            try:
+                future = link(replica).submit_put(keys, seg_crcs, rows, seg_seals, seg_first, last)
+            except ReplicaFailure as failure:
+                slabs.replica_failed(failure, slab)
+                futures.append((replica, None))
+            else:
+                futures.append((replica, future))
+        return slab, seg_first, seg_count, futures
 
-    async def _await_writes(self, waits: list[_SlabWrite]) -> None:
+    def _check_stored(
+        self,
+        slab: int,
+        replicas: list[Replica],
+        futures: list[tuple[Replica, asyncio.Future[Any] | None]],
+    ) -> None:
+        """Count a slab part's outcome: `BackendError` if no replica stored it, else the
+        replicas that did not are stale."""
         slabs = self._slabs
-        for slab, seg_first, seg_count, futures in waits:
-            stored = 0
-            missed: list[str] = []
-            replicas = slabs.replicas[slab] or []
-            for replica, future in futures:
-                if future is None:
-                    missed.append(replica.server_id)
-                    continue
-                try:
-                    await future
-                except ReplicaFailure as failure:
-                    slabs.replica_failed(failure, slab)
-                    missed.append(replica.server_id)
-                    continue
-                # Only a replica counts: a push target alone is no readable copy (and the
-                # push may yet be abandoned and its copy dropped).
-                stored += replica in replicas
-            if not stored:
-                # No replica has it (network down): none is staler than another.
-                raise BackendError(errno.EIO, f"no live replica stored slab {slab}'s pages")
-            for server_id in missed:
-                slabs.missed_write(slab, server_id)
-            self._pages.set_written(seg_first, seg_count, True)
+        stored = 0
+        missed: list[str] = []
+        for replica, future in futures:
+            if future is None:
+                missed.append(replica.server_id)
+                continue
+            failure = future.exception()
+            if failure is not None:
+                if not isinstance(failure, ReplicaFailure):
+                    raise failure
+                slabs.replica_failed(failure, slab)
+                missed.append(replica.server_id)
+                continue
+            # Only a replica counts: a push target alone is no readable copy (and the
+            # push may yet be abandoned and its copy dropped).
+            stored += replica in replicas
+        if not stored:
+            # No replica has it (network down): none is staler than another.
+            raise BackendError(errno.EIO, f"no live replica stored slab {slab}'s pages")
+        for server_id in missed:
+            slabs.missed_write(slab, server_id)
 
     async def delete_pages(self, first: int, count: int, written: BoolArray) -> None:
         """Free the pages of [first, first + count) where `written` on every live replica
