@@ -5,6 +5,7 @@ Its socket's fuzzer is in test_zmq_fuzz.py with every other service's.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from remem_client import mirror_link
+from remem_client.mirror_link import MirrorLink
 from remem_common.framing import encode
 from remem_common.mirror_client import MirrorClient, MirrorError
 from remem_common.protocol.client_mirror import (
@@ -415,3 +418,33 @@ def test_startup_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         env={**os.environ, "REMEM_MIRROR_SIZE": "8MiB"},
     )
     assert env_size.returncode == 0 and '"size": 8388608' in env_size.stdout
+
+
+async def test_page_outs_a_moment_apart_reach_the_mirror_in_one_request(
+    start_mirror: StartMirror,
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Write-behind is not in a write's acknowledgement: page-outs made within
+    WRITE_BEHIND_DELAY of each other (the kernel's reclaim writes come one to four at a
+    time) go to the mirror as one request, not one each, and land as written."""
+    monkeypatch.setattr(mirror_link, "WRITE_BEHIND_DELAY", 0.5)  # loop turns apart, not time
+    mirror = start_mirror()
+    link = MirrorLink(
+        mirror.ready["endpoint"], context=zmq_context, cache_bytes=1 << 20, timeout=10
+    )
+    pages = pages_of(3, 12)
+    try:
+        await link.attach()
+        await link.write_behind(5, pages[:1])
+        for _ in range(3):
+            await asyncio.sleep(0)  # later loop turns: a send per turn would have gone by now
+        await link.write_behind(9, pages[1:])
+        await link.barrier()  # sends what gathered first, answered after it
+        assert link.cache_bytes == 0
+        assert scrape(mirror)['mirror_requests_total{op="write",result="ok"}'] == 1
+    finally:
+        link.close()
+    with client_of(mirror) as client:
+        assert np.array_equal(client.read(5, 1), pages[:1])
+        assert np.array_equal(client.read(9, 2), pages[1:])

@@ -2,9 +2,9 @@
 
 Every page-out that goes to the replicas is also handed to `write_behind`: it copies the
 pages into the bounded write cache (one bytes object per request, not per page) and returns
-without waiting for the disk (Anemone's asynchronous local write). The page-outs of one
-event-loop turn, and those made while WRITE_WINDOW batches are already in flight, go to the
-mirror together in one write_extents_request: at queue depth 32 a message per page-out cost
+without waiting for the disk (Anemone's asynchronous local write). The page-outs made
+within WRITE_BEHIND_DELAY, and those made while WRITE_WINDOW batches are already in flight,
+go to the mirror together in one write_extents_request: at queue depth 32 a message per page-out cost
 the client and the mirror more than everything else on the write path. An entry leaves the
 cache when the mirror confirms the pages are on disk; until then a page-in that has to be
 served locally (network down) reads it from the cache. When the cache is full,
@@ -88,6 +88,12 @@ DETACH_TIMEOUT = 2.0
 # Write-behind batches in flight at most; page-outs gather meanwhile. Two keep the mirror's
 # disk busy with one batch while the next travels.
 WRITE_WINDOW = 2
+# Seconds page-outs gather before they go to the mirror when no batch is in flight. The
+# write-behind is not in the acknowledgement, so a message per page-out at low queue depth
+# (the kernel's reclaim writes come 1 to 4 at a time) only woke the mirror inside each
+# write's round trip to the replicas, on the same CPUs; gathered over this window they go
+# together, after the replicas' requests.
+WRITE_BEHIND_DELAY = 0.002
 
 
 class MirrorFailure(Exception):
@@ -299,9 +305,9 @@ class MirrorLink(Link[MirrorReply]):
         if self._gathered_pages + MAX_MIRROR_PAGES > MAX_MIRROR_BATCH_PAGES:
             self._send_gathered()  # the next page-out might not fit
         elif not self._flush_due and len(self._behind_in_flight) < WRITE_WINDOW:
-            # Send at the end of this loop turn, with the page-outs made in it.
+            # Send with the page-outs of the next WRITE_BEHIND_DELAY.
             self._flush_due = True
-            self._loop.call_soon(self._flush_gathered)
+            self._loop.call_later(WRITE_BEHIND_DELAY, self._flush_gathered)
 
     def _cached(self, first: int, count: int, data: bytes) -> int:
         """Put a write's pages in the write cache; returns their entry id."""
@@ -312,7 +318,7 @@ class MirrorLink(Link[MirrorReply]):
 
     def _flush_gathered(self) -> None:
         self._flush_due = False
-        if self._gathered and len(self._behind_in_flight) < WRITE_WINDOW:
+        if self._gathered and not self.closed and len(self._behind_in_flight) < WRITE_WINDOW:
             self._send_gathered()
 
     def _send_gathered(self) -> None:
