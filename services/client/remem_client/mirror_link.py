@@ -4,11 +4,11 @@ Every page-out that goes to the replicas is also handed to `write_behind`: it co
 pages into the bounded write cache (one bytes object per request, not per page) and returns
 without waiting for the disk (Anemone's asynchronous local write). The page-outs made
 within WRITE_BEHIND_DELAY, and those made while WRITE_WINDOW batches are already in flight,
-go to the mirror together in one write_extents_request: at queue depth 32 a message per page-out cost
-the client and the mirror more than everything else on the write path. An entry leaves the
-cache when the mirror confirms the pages are on disk; until then a page-in that has to be
-served locally (network down) reads it from the cache. When the cache is full,
-`write_behind` waits for room: back-pressure on the NBD writer, never a dropped page.
+go to the mirror together in one write_extents_request: at queue depth 32 a message per
+page-out cost the client and the mirror more than everything else on the write path. An
+entry leaves the cache when the mirror confirms the pages are on disk; until then a page-in
+that has to be served locally (network down) reads it from the cache. When the cache is
+full, `write_behind` waits for room: back-pressure on the NBD writer, never a dropped page.
 
 `write_durable` is the network-down write: it returns only once the mirror has the pages on
 disk (fdatasync'd) and has recorded them as unreplicated.
