@@ -85,19 +85,18 @@ it never stops the mirror or disturbs other requests.
 
 from __future__ import annotations
 
-import re
 import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from remem_common.protocol.envelope import (
-    PROTOCOL_VERSION,
     ErrorCode,
     ErrorReply,
     ProtocolError,
     Reply,
     Request,
+    ok_reply_parser,
 )
 
 # Pages one request may carry: 1 MiB, the largest NBD request the client accepts in one piece
@@ -314,24 +313,6 @@ def unpack_extents(frame: Any, msg: WriteExtentsRequest, page_count: int) -> lis
     return runs
 
 
-# -- hot-path reply header parser ----------------------------------------------------------
-# A write_pages_reply answers every page-out batch: read with one regex match instead of a
-# pydantic validation. Only a header in exactly the form the mirror's `model_dump_json`
-# writes (numbers bounded, so that every value is one the model accepts) matches; any other
-# header, error replies and malformed ones included, gives None: the caller validates it
-# with the models, which decide (and count) as before.
-_WRITE_PAGES_REPLY = re.compile(
-    rb'\{"version":' + str(PROTOCOL_VERSION).encode() + rb',"msg_id":(?:0|[1-9][0-9]{0,17}),'
-    rb'"sent_at":[0-9]{1,12}(?:\.[0-9]{1,20})?,"parent_id":(0|[1-9][0-9]{0,17}),'
-    rb'"status":"ok","type":"write_pages_reply","written":(0|[1-9][0-9]{0,17})\}\Z'
-)
-_match_write_pages_reply = _WRITE_PAGES_REPLY.match
-
-
-def parse_write_pages_reply(header: Any) -> tuple[int, int] | None:
-    """(parent_id, written) of a write_pages_reply header (any buffer) in the form the
-    mirror writes it; None for any other header."""
-    match = _match_write_pages_reply(header)
-    if match is None:
-        return None
-    return int(match[1]), int(match[2])
+# A write_pages_reply answers every page-out batch; the form the mirror's `model_dump_json`
+# writes it in, read back by the client.
+parse_write_pages_reply = ok_reply_parser("write_pages_reply", "written")

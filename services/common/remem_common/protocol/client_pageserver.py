@@ -53,7 +53,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from remem_common.protocol.envelope import PROTOCOL_VERSION, Reply, Request
+from remem_common.protocol.envelope import PROTOCOL_VERSION, Reply, Request, ok_reply_parser
 from remem_common.protocol.pages import MAX_BATCH_PAGES
 
 # Tenant names go into the page server's arena file and metric-free logs: keep them short
@@ -186,27 +186,8 @@ def put_pages_reply_header(parent_id: int, stored: int) -> bytes:
     return _PUT_PAGES_REPLY_FORMAT % (PROTOCOL_VERSION, seconds, micros, parent_id, stored)
 
 
-# -- hot-path reply header parser ----------------------------------------------------------
-# The reverse of `get_pages_reply_header`, for the client: a header in exactly its form
-# (numbers bounded, so that every value is one the model accepts) is read with one regex
-# match instead of a pydantic validation (~5 us a reply). Any other header, error replies
-# and malformed ones included, gives None: the caller validates it with the models, which
-# decide (and count) as before.
-_GET_PAGES_REPLY = re.compile(
-    rb'\{"version":' + str(PROTOCOL_VERSION).encode() + rb',"msg_id":(?:0|[1-9][0-9]{0,17}),'
-    rb'"sent_at":[0-9]{1,12}(?:\.[0-9]{1,20})?,"parent_id":(0|[1-9][0-9]{0,17}),'
-    rb'"status":"ok","type":"get_pages_reply","count":(0|[1-9][0-9]{0,17})\}\Z'
-)
-_match_get_pages_reply = _GET_PAGES_REPLY.match
-
-
-def parse_get_pages_reply(header: Any) -> tuple[int, int] | None:
-    """(parent_id, count) of a get_pages_reply header (any buffer) as
-    `get_pages_reply_header` writes it; None for any other header."""
-    match = _match_get_pages_reply(header)
-    if match is None:
-        return None
-    return int(match[1]), int(match[2])
+# `get_pages_reply_header`'s form, read back by the client.
+parse_get_pages_reply = ok_reply_parser("get_pages_reply", "count")
 
 
 # -- hot-path request header parser --------------------------------------------------------

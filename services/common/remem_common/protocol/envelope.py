@@ -18,9 +18,11 @@ with `error_reply` instead of its own reply type.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -108,3 +110,29 @@ MALFORMED_REASONS = (
     "bad_frames",
     "bad_payload",
 )
+
+
+def ok_reply_parser(type_name: str, field: str) -> Callable[[Any], tuple[int, int] | None]:
+    """A hot-path reader of one kind of ok reply: a header (any buffer) in exactly the form
+    its sender writes, `{"version", "msg_id", "sent_at", "parent_id", "status": "ok", "type":
+    type_name, field}` with the numbers bounded (so every value is one the model accepts),
+    gives (parent_id, field's value) from one regex match instead of a pydantic validation
+    (~5 us a reply). Any other header, error replies and malformed ones included, gives None:
+    the caller validates it with the models, which decide (and count) as before."""
+    match = re.compile(
+        rb'\{"version":' + str(PROTOCOL_VERSION).encode() + rb',"msg_id":(?:0|[1-9][0-9]{0,17}),'
+        rb'"sent_at":[0-9]{1,12}(?:\.[0-9]{1,20})?,"parent_id":(0|[1-9][0-9]{0,17}),'
+        rb'"status":"ok","type":"'
+        + re.escape(type_name).encode()
+        + rb'","'
+        + re.escape(field).encode()
+        + rb'":(0|[1-9][0-9]{0,17})\}\Z'
+    ).match
+
+    def parse(header: Any) -> tuple[int, int] | None:
+        found = match(header)
+        if found is None:
+            return None
+        return int(found[1]), int(found[2])
+
+    return parse
