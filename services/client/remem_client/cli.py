@@ -12,11 +12,13 @@ from collections.abc import Callable
 from functools import partial
 
 from remem_common.config import load_config
+from remem_common.heap import keep_freed_memory
 from remem_common.lifecycle import EXIT_CONFIG, run_service_async
 from remem_common.logs import setup_logging
 
 from remem_client.config import ENV_PREFIX, PROG, ClientConfig
 from remem_client.memlock import protect_process
+from remem_client.nbd.wire import MAX_BLOCK_SIZE
 from remem_client.service import EXIT_FORCED, cancel_leftover_tasks, start
 
 DESCRIPTION = (
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if loop_factory is None:
         sys.stderr.write(f"{PROG}: --event-loop uvloop: uvloop is not installed\n")
         return EXIT_CONFIG
+    # Request buffers reuse what earlier requests freed: the write cache's bound and two
+    # requests of the largest size NBD allows.
+    keep_freed_memory(config.mirror_cache + 2 * MAX_BLOCK_SIZE)
     if config.lock_memory:
         protect_process(log)
     with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 import zmq
 from prometheus_client import REGISTRY
 from remem_common.config import bind_address
+from remem_common.heap import keep_freed_memory
 from remem_common.lifecycle import Lifecycle, Servable, Started
 from remem_common.protocol.pages import PAGE_SIZE
 from remem_common.security import Role, Security
@@ -26,32 +26,15 @@ log = logging.getLogger("mirror")
 ADMITTED_ROLES: tuple[Role, ...] = ("client",)
 
 
-# glibc mallopt parameters: allocations from this size on get a fresh mmap of their own; free
-# memory at the top of the heap past this is given back to the kernel.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_FROM_BYTES = 32 << 20
 # What one read of a connection may add beyond the queue's bound (a 4 MiB batch, twice).
 READ_SLACK_BYTES = 8 << 20
 
 
-def keep_freed_memory(queue_bytes: int) -> None:
-    """Keep freed receive buffers for the next ones instead of giving them back to the
-    kernel: every page-out batch (up to 4 MiB) lands in a fresh buffer that the writer holds
-    until it is on disk, and fresh memory is zeroed by the kernel page by page on first
-    touch (profiled at 1 MiB writes: 12% of the mirror's CPU in page faults). What is kept is
-    bounded by the queue's own bound: the most the mirror ever holds at once, on a host that
-    is short of memory."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return  # not glibc
-    mallopt(_M_MMAP_THRESHOLD, MMAP_FROM_BYTES)
-    mallopt(_M_TRIM_THRESHOLD, queue_bytes + READ_SLACK_BYTES)
-
-
 def start(config: MirrorConfig, lifecycle: Lifecycle) -> Started[Servable]:
     """Open the mirror file, bind: the mirror, ready to serve."""
-    keep_freed_memory(config.queue_pages * PAGE_SIZE)
+    # Every page-out batch lands in a fresh receive buffer the writer holds until it is on
+    # disk: reused from the heap, bounded by the queue's own bound (remem_common.heap).
+    keep_freed_memory(config.queue_pages * PAGE_SIZE + READ_SLACK_BYTES)
     security = Security.from_settings(config, "mirror")
     with lifecycle.as_config_error(MirrorStoreError, OSError):
         store = MirrorStore(
