@@ -3,6 +3,7 @@ tell it from a libzmq ROUTER, over ipc and tcp, and nothing a peer sends may tak
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import socket
@@ -16,9 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from remem_client.zmtp import ZmtpDealer
 from remem_common.zmtp import (
     GREETING,
     RX_CHUNK,
+    UNIX_SEND_BUFFER,
     FrameReader,
     command_frame,
     ready_command,
@@ -30,6 +33,9 @@ from remem_common.zmtp_router import ZmtpRouter, speaks_zmtp
 # 256, the 256 KiB receive buffer, and a 4 MiB page batch.
 SIZES = [0, 1, 255, 256, 4096, 65536, (256 << 10) - 5, (256 << 10) + 7, 4 << 20]
 WAIT = 10.0
+# What a Unix socket's SO_SNDBUF reads as when nobody set it (net.core.wmem_default).
+DEFAULT_SEND_BUFFER = int(Path("/proc/sys/net/core/wmem_default").read_text())
+SOL_SOCKET, SO_SNDBUF = socket.SOL_SOCKET, socket.SO_SNDBUF
 
 
 class RouterThread:
@@ -500,3 +506,37 @@ def test_send_all_answers_every_peer_and_close_lingers_for_the_rest(
     finally:
         for dealer in dealers:
             dealer.close()
+
+
+def test_both_ends_of_a_unix_link_can_queue_a_whole_page_batch(tmp_path: Path) -> None:
+    """The client's DEALER and the router's accepted connection ask for UNIX_SEND_BUFFER: a
+    4 MiB batch crossed the default (~208 KiB) in pieces that each woke both processes."""
+    wanted = min(UNIX_SEND_BUFFER, int(Path("/proc/sys/net/core/wmem_max").read_text()))
+    if wanted <= DEFAULT_SEND_BUFFER:
+        pytest.skip("net.core.wmem_max leaves no room above the default send buffer")
+    served = RouterThread(endpoint_of("ipc", tmp_path))
+
+    async def send_buffers() -> tuple[int, int]:
+        """The dealer's and the router's side, while the link is up."""
+        got: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        dealer = ZmtpDealer(served.endpoint, lambda frames: got.put_nowait(frames))
+        try:
+            dealer.send([b"", b"hello"])
+            await asyncio.wait_for(got.get(), WAIT)
+            transport = dealer._transport
+            assert transport is not None
+            (peer,) = served.router._peers.values()
+            return (
+                int(transport.get_extra_info("socket").getsockopt(SOL_SOCKET, SO_SNDBUF)),
+                peer.sock.getsockopt(SOL_SOCKET, SO_SNDBUF),
+            )
+        finally:
+            dealer.close()
+
+    try:
+        # The kernel reports twice what was asked (its bookkeeping overhead included).
+        dealer_side, router_side = asyncio.run(send_buffers())
+        assert dealer_side >= wanted
+        assert router_side >= wanted
+    finally:
+        served.close()

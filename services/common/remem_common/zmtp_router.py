@@ -62,6 +62,7 @@ from typing import Any
 
 from remem_common.zmtp import (
     GREETING,
+    UNIX_SEND_BUFFER,
     FrameReader,
     ZmtpError,
     pong_command,
@@ -279,15 +280,18 @@ class ZmtpRouter:
     def _read(self, peer: _Peer, handle: Handler) -> int:
         try:
             for _ in range(LARGE_READS):
-                nbytes = peer.sock.recv_into(peer.reader.buffer())
+                buffer = peer.reader.buffer()
+                nbytes = peer.sock.recv_into(buffer)
                 if not nbytes:
                     self._close(peer)
                     return 0
                 messages = peer.reader.advance(nbytes)
                 # Read on through a large message while its bytes keep coming: a wake-up
                 # (poll, epoll, Python) per socket buffer's worth cost the mirror more user
-                # time per 4 MiB batch than libzmq's I/O thread did.
-                if messages or nbytes < LARGE_READ:
+                # time per 4 MiB batch than libzmq's I/O thread did. But a read that took
+                # less than offered emptied the socket, and the next one nearly always
+                # failed (EAGAIN: a syscall and an exception per wake-up), so stop there.
+                if messages or nbytes < LARGE_READ or nbytes < len(buffer):
                     break
             if messages and peer.routing_id is None:
                 raise ZmtpError("a message before the peer's READY")
@@ -357,6 +361,8 @@ class ZmtpRouter:
             sock.setblocking(False)
             if self._tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:  # replies of up to 4 MiB (a batch's pages) leave in one piece
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
             peer = _Peer(sock, self)
             self._peers[sock.fileno()] = peer
             self._epoll.register(sock.fileno(), _IN)
