@@ -20,10 +20,13 @@ from remem_client.nbd.drive import Driven
 from remem_common.pageserver_client import REPLY_ADAPTER, AnyReply
 from remem_common.protocol.client_pageserver import (
     GetPagesReply,
+    PutPagesReply,
     get_pages_reply_header,
     page_request_header,
     page_request_header_encoder,
     parse_get_pages_reply,
+    parse_put_pages_reply,
+    put_pages_reply_header,
 )
 
 # -- CallbackEnd -------------------------------------------------------------------------------
@@ -169,16 +172,28 @@ async def test_asyncio_wait_and_removing_a_callback() -> None:
         future.set_result(6)
 
 
-# -- the GET reply header parser ---------------------------------------------------------------
+# -- the GET and PUT reply header parsers ------------------------------------------------------
+
+# (the page server's header writer, the client's reader, the model, the model's count field)
+REPLY_FORMS = [
+    (get_pages_reply_header, parse_get_pages_reply, GetPagesReply, "count"),
+    (put_pages_reply_header, parse_put_pages_reply, PutPagesReply, "stored"),
+]
 
 
-def test_the_page_servers_get_reply_header_parses_as_the_model_does() -> None:
+@pytest.mark.parametrize(("write", "parse", "model_type", "field"), REPLY_FORMS)
+def test_the_page_servers_reply_headers_parse_as_the_models_do(
+    write: Any, parse: Any, model_type: Any, field: str
+) -> None:
     for parent_id, count in [(0, 0), (1, 1), (123456, 1024), (2**59, 7)]:
-        header = get_pages_reply_header(parent_id, count)
+        header = write(parent_id, count)
         model = REPLY_ADAPTER.validate_json(header)
-        assert isinstance(model, GetPagesReply)
-        assert parse_get_pages_reply(header) == (model.parent_id, model.count)
-        assert parse_get_pages_reply(memoryview(header)) == (parent_id, count)
+        assert isinstance(model, model_type)
+        assert parse(header) == (model.parent_id, getattr(model, field))
+        assert parse(memoryview(header)) == (parent_id, count)
+    # Each parser reads its own reply only: a GET's answer is not a PUT's, nor the reverse.
+    assert parse_put_pages_reply(get_pages_reply_header(1, 1)) is None
+    assert parse_get_pages_reply(put_pages_reply_header(1, 1)) is None
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ reads is one `get_pages_request` of 32 keys), sent when that callback ends
 (`inline.CallbackEnd`; outside one, when the loop turn ends). Replies are matched by
 `parent_id` and resolve one future per batch, not per page: for a GET an
 `inline.InlineFuture`, so the reads waiting on it resume in the reply's callback and their
-NBD replies go out as it ends. The page server's own form of a GET reply header is read
-without pydantic (`parse_get_pages_reply`); any other reply is validated by the models, as
-before.
+NBD replies go out as it ends. The page server's own form of a GET or PUT reply header is
+read without pydantic (`parse_get_pages_reply`, `parse_put_pages_reply`); any other reply is
+validated by the models, as before.
 
 The link is a `dealer.Dealer` (ZMTP from the event loop when plaintext, libzmq for Curve)
 and a `dealer.PendingRequests`: no coroutine or future per message beyond the batch's own.
@@ -34,9 +34,11 @@ from remem_common.protocol.client_pageserver import (
     DeletePagesRequest,
     GetPagesReply,
     GetPagesRequest,
+    PutPagesReply,
     PutPagesRequest,
     page_request_header_encoder,
     parse_get_pages_reply,
+    parse_put_pages_reply,
 )
 from remem_common.protocol.envelope import ErrorCode, ErrorReply
 from remem_common.protocol.pages import (
@@ -215,7 +217,7 @@ class PageServerLink(Link[AnyReply]):
         first: int,
         last: int,
     ) -> asyncio.Future[Any]:
-        """Store pages (all or nothing on this server)."""
+        """Store pages (all or nothing on this server); the future gives how many."""
         batch, _ = self._join("put", keys, crcs, data, seals, first, last)
         assert batch.future is not None
         return batch.future
@@ -357,12 +359,15 @@ class PageServerLink(Link[AnyReply]):
     def _on_reply(self, frames: list[Any]) -> None:
         if self.closed:
             return
-        # A GET's answer in the page server's own form is read without pydantic
-        # (`parse_get_pages_reply`); any other message is validated (and, if malformed,
-        # counted) by the table.
-        parsed = (
-            parse_get_pages_reply(frames[1]) if len(frames) == 6 and not len(frames[0]) else None
-        )
+        # A GET's or PUT's answer in the page server's own form is read without pydantic
+        # (`parse_get_pages_reply`, `parse_put_pages_reply`); any other message is validated
+        # (and, if malformed, counted) by the table.
+        parsed = None
+        if not len(frames[0]):
+            if len(frames) == 6:
+                parsed = parse_get_pages_reply(frames[1])
+            elif len(frames) == 2:
+                parsed = parse_put_pages_reply(frames[1])
         if parsed is None:
             self._on_validated_reply(frames)
             return
@@ -371,8 +376,12 @@ class PageServerLink(Link[AnyReply]):
         if future is None:
             return  # answered after its timeout (counted)
         self._made_room()
-        if not future.done():
+        if future.done():
+            return
+        if len(frames) == 6:
             self._get_result(future, count, frames[2:])
+        else:
+            self._resolve(future, count)  # a PUT's: the number of pages stored
 
     def _on_validated_reply(self, frames: list[Any]) -> None:
         taken = self._pending.take(frames)
@@ -386,6 +395,8 @@ class PageServerLink(Link[AnyReply]):
             future.set_exception(ReplicaFailure(self.server_id, reply.error_code, reply.detail))
         elif isinstance(reply, GetPagesReply):
             self._get_result(future, reply.count, payload)
+        elif isinstance(reply, PutPagesReply):
+            self._resolve(future, reply.stored)  # as `_on_reply` resolves it
         else:
             self._resolve(future, reply)
 

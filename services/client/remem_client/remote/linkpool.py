@@ -66,7 +66,7 @@ class Link(Protocol):
     def submit_put(
         self, keys: Any, crcs: U32Array, data: PageArray, seals: PageArray, first: int, last: int
     ) -> asyncio.Future[Any]:
-        """Store pages (all or nothing on this server)."""
+        """Store pages (all or nothing on this server); the future gives how many."""
         ...
 
     def submit_delete(self, keys: Any, first: int, last: int) -> asyncio.Future[Any]:

@@ -186,8 +186,9 @@ def put_pages_reply_header(parent_id: int, stored: int) -> bytes:
     return _PUT_PAGES_REPLY_FORMAT % (PROTOCOL_VERSION, seconds, micros, parent_id, stored)
 
 
-# `get_pages_reply_header`'s form, read back by the client.
+# `get_pages_reply_header`'s and `put_pages_reply_header`'s forms, read back by the client.
 parse_get_pages_reply = ok_reply_parser("get_pages_reply", "count")
+parse_put_pages_reply = ok_reply_parser("put_pages_reply", "stored")
 
 
 # -- hot-path request header parser --------------------------------------------------------
