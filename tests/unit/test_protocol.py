@@ -225,6 +225,13 @@ def test_page_codecs_check_lengths_ranges_and_duplicates() -> None:
     ]:
         with pytest.raises(ProtocolError):
             unpack_keys(bad_keys, count)
+    # Large batches: ascending keys pass at once; a repeat, adjacent or not, is refused.
+    pages_in_order = np.arange(256)
+    ascending = make_keys(pages_in_order // 64, pages_in_order % 64)
+    assert unpack_keys(ascending.tobytes(), 256).tolist() == ascending.tolist()
+    for repeated in ([*range(255), 0], [*range(100), 99, *range(101, 256)]):
+        with pytest.raises(ProtocolError):
+            unpack_keys(make_keys([0] * 256, repeated).tobytes(), 256)
     with pytest.raises(ProtocolError):
         unpack_page_indices(np.array([1, 1], dtype=np.uint32).tobytes(), 2)
     with pytest.raises(ProtocolError):

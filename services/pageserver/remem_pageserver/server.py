@@ -76,6 +76,7 @@ from remem_common.security import (
 )
 from remem_common.zmtp import ZmtpError
 
+from remem_pageserver.checksums import WHOLE_BATCH_PAGES, batch_matches
 from remem_pageserver.config import PageServerConfig
 from remem_pageserver.metrics import PageServerMetrics
 from remem_pageserver.registration import RegistrationLink
@@ -496,6 +497,10 @@ def host_available_bytes() -> int:
 def _verify(
     pages: np.ndarray[Any, np.dtype[np.uint8]], crcs: np.ndarray[Any, np.dtype[np.uint32]]
 ) -> None:
+    """Refuse the batch unless every page matches its checksum (a large batch is checked
+    whole first: remem_pageserver.checksums)."""
+    if crcs.shape[0] >= WHOLE_BATCH_PAGES and batch_matches(pages, crcs):
+        return
     bad = bad_checksums(pages, crcs)
     if bad.size:
         raise _bad_checksum(bad.size, pages.shape[0], int(bad[0]))

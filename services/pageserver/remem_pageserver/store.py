@@ -240,7 +240,11 @@ class PageStore:
             records["page"][fresh] = new_keys["page"]
         # Data and seal before checksum: a kill in between leaves a mismatch the reader
         # detects.
-        arena.data[slots] = pages
+        start = _run_start(slots)
+        if start is None:
+            arena.data[slots] = pages
+        else:
+            arena.data[start : start + slots.shape[0]] = pages
         records["seal"][slots] = seals
         records["crc"][slots] = crcs
         if new_count:
@@ -265,7 +269,13 @@ class PageStore:
         if found.all():
             # One gather copy out of the arena: the reply owns its bytes, so a later write
             # to the same page cannot change data already handed to the socket.
-            return GetResult(found, arena.crc[slots], arena.data[slots], arena.seal[slots])
+            start = _run_start(slots)
+            data = (
+                arena.data[slots]
+                if start is None
+                else arena.data[start : start + slots.shape[0]].copy()
+            )
+            return GetResult(found, arena.crc[slots], data, arena.seal[slots])
         data = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
         crcs = np.zeros(count, dtype=np.uint32)
         seals = np.zeros((count, SEAL_BYTES), dtype=np.uint8)
@@ -403,3 +413,20 @@ class PageStore:
         self._data_bytes.release()
         self._record_bytes.release()
         self._arena.close()
+
+
+# Batches of at least this many slots are checked for being one run (see _run_start).
+RUN_CHECK_SLOTS = 16
+
+
+def _run_start(slots: Int32Array) -> int | None:
+    """The first slot if `slots` are consecutive and ascending (a large batch of a region
+    written in order, as sequential page-outs are), else None: such a batch is copied to or
+    from the arena as one block (4 MiB: 116 us instead of 153 as a copy per page)."""
+    count = slots.shape[0]
+    if count < RUN_CHECK_SLOTS:
+        return None
+    first = int(slots[0])
+    if int(slots[-1]) - first != count - 1 or first < 0:
+        return None
+    return first if bool((np.diff(slots) == 1).all()) else None
