@@ -1,13 +1,14 @@
-"""Where a 4 KiB read's time goes at queue depth 1: a scheduler trace of fio, the client and
-the page servers, without a line of tracing code in the data path.
+"""Where a 4 KiB read's and write's time goes at queue depth 1: a scheduler trace of fio, the
+client, the page servers and the mirror, without a line of tracing code in the data path.
 
-fio reads 4 KiB at random at QD1 from `remem up` (k=2) and from `nbdkit memory` while `perf
-record` takes the kernel's sched_wakeup and sched_switch events on every CPU (root; about a
-microsecond an event). At QD1 fio sleeps until each reply: from one of its wake-ups to the
-next is one request. Within it, the switch events give the time each process of the chain
-(fio, the client, the page servers; or nbdkit) spent on a CPU, and the time none of them
-ran: wake-up latency, the cost of each hop between processes. The medians over every request
-of the trace are the breakdown. (Cutting finer, at the client's and page servers' own
+fio reads, then writes, 4 KiB at random at QD1 to `remem up` (k=2) and to `nbdkit memory`
+while `perf record` takes the kernel's sched_wakeup and sched_switch events on every CPU
+(root; about a microsecond an event). At QD1 fio sleeps until each reply: from one of its
+wake-ups to the next is one request. Within it, the switch events give the time each process
+of the chain (fio, the client, the page servers, the mirror; or nbdkit) spent on a CPU, and
+the time none of them ran: wake-up latency, the cost of each hop between processes; the
+wake-up events, how many hops each process took. The medians over every request of the
+trace are the breakdown. (Cutting finer, at the client's and page servers' own
 wake-ups, fails: one of them is often still running when its next input arrives, and is
 then not woken.)
 
@@ -49,6 +50,8 @@ _SWITCH = re.compile(r"prev_pid=(\d+)\b.*==>\s+next_comm=.*?\bnext_pid=(\d+)\b")
 # wake-ups fails whenever one of them is still running when its next input arrives).
 HOPS = ["fio"]
 PHASES = ("request",)
+# fio's 4 KiB random jobs traced, each against both servers.
+WORKLOADS = ("randread", "randwrite")
 
 
 @dataclass
@@ -186,6 +189,16 @@ def breakdown(
         phase["none on cpu us"] = _median_us(
             [(end - start) - busy_union(trace, everyone, start, end) for start, end in spans]
         )
+        times = [w.ts for w in trace.wakeups]
+        for role, tids in roles.items():
+            woken = [
+                sum(1 for w in trace.wakeups[at:until] if w.woken in tids)
+                for at, until in (
+                    (bisect.bisect_left(times, start), bisect.bisect_left(times, end))
+                    for start, end in spans
+                )
+            ]
+            phase[f"{role} woken"] = statistics.median(woken) if woken else float("nan")
         phases[name] = phase
     cycles = [chain[-1] - chain[0] for chain in found]
     total_wakeups = sum(1 for w in trace.wakeups if w.woken in roles["fio"])
@@ -229,14 +242,18 @@ def record(seconds: float, out: Path) -> str:
 
 
 def trace_server(
-    server: Server, server_roles: Callable[[], dict[str, set[int]]], seconds: float, tmp: Path
+    server: Server,
+    server_roles: Callable[[], dict[str, set[int]]],
+    seconds: float,
+    tmp: Path,
+    workload: str = "randread",
 ) -> tuple[Trace, dict[str, set[int]]]:
-    """Run fio 4 KiB randread QD1 against `server` and record the scheduler meanwhile; the
-    trace, and the threads of each role (`server_roles`, asked once fio is connected: nbdkit
-    starts a thread per connection, and fio)."""
+    """Run fio 4 KiB `workload` (randread or randwrite) at QD1 against `server` and record the
+    scheduler meanwhile; the trace, and the threads of each role (`server_roles`, asked once
+    fio is connected: nbdkit starts a thread per connection, and fio)."""
     fio = subprocess.Popen(
         [
-            "fio", "--name=phases", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randread",
+            "fio", "--name=phases", "--ioengine=nbd", f"--uri={server.uri}", f"--rw={workload}",
             "--bs=4k", "--iodepth=1", "--size=64M", "--time_based",
             f"--runtime={seconds + 3}", "--output-format=json",
         ],
@@ -257,15 +274,12 @@ def trace_server(
 
 def remem_roles(server: Server) -> dict[str, set[int]]:
     assert server.pid_dir is not None
-    client: set[int] = set()
-    pageservers: set[int] = set()
+    roles: dict[str, set[int]] = {"client": set(), "page server": set(), "mirror": set()}
     for path in server.pid_dir.glob("*.pid"):
-        threads = threads_of(int(path.read_text()))
-        if path.stem == "client":
-            client |= threads
-        elif path.stem.startswith("pageserver"):
-            pageservers |= threads
-    return {"client": client, "page server": pageservers}
+        role = "page server" if path.stem.startswith("pageserver") else path.stem
+        if role in roles:
+            roles[role] |= threads_of(int(path.read_text()))
+    return roles
 
 
 def available() -> str | None:
@@ -279,7 +293,7 @@ def available() -> str | None:
 
 
 def measure(seconds: float) -> dict[str, Any]:
-    """{"skipped": why} where it cannot run; else both servers' breakdowns."""
+    """{"skipped": why} where it cannot run; else both servers' breakdowns, by workload."""
     why_not = available()
     if why_not:
         return {"skipped": why_not}
@@ -289,43 +303,59 @@ def measure(seconds: float) -> dict[str, Any]:
             lambda d: start_nbdkit(d, "1G"),
             lambda d: start_remem(d, "1G", [], "cluster", name="remem-k2"),
         ]
+        figures: dict[str, Any] = {}
         with running(starters) as (nbdkit, remem):
             for server in (nbdkit, remem):
                 fill(server, "64M")
-            nbdkit_trace, roles = trace_server(
-                nbdkit, lambda: {"nbdkit": threads_of(nbdkit.proc.pid)}, seconds, tmp
-            )
-            nbdkit_figures = breakdown(nbdkit_trace, roles, HOPS, PHASES)
-            remem_trace, roles = trace_server(remem, lambda: remem_roles(remem), seconds, tmp)
-            remem_figures = breakdown(remem_trace, roles, HOPS, PHASES)
-    return {"nbdkit": nbdkit_figures, "remem k=2": remem_figures}
+            for workload in WORKLOADS:
+                nbdkit_trace, roles = trace_server(
+                    nbdkit, lambda: {"nbdkit": threads_of(nbdkit.proc.pid)}, seconds, tmp, workload
+                )
+                nbdkit_figures = breakdown(nbdkit_trace, roles, HOPS, PHASES)
+                remem_trace, roles = trace_server(
+                    remem, lambda: remem_roles(remem), seconds, tmp, workload
+                )
+                remem_figures = breakdown(remem_trace, roles, HOPS, PHASES)
+                figures[workload] = {"nbdkit": nbdkit_figures, "remem k=2": remem_figures}
+    return figures
 
 
 def render(figures: dict[str, Any]) -> str:
-    """The breakdown as a markdown table: one row per server."""
-    columns = ["client", "page server", "nbdkit", "fio"]
+    """The breakdown as a markdown table: one row per workload and server."""
+    columns = ["client", "page server", "mirror", "nbdkit", "fio"]
     lines = [
         "Median per request over every request of the trace; microseconds. On a CPU: the"
         " process's threads, summed (two CPUs: they may overlap); none on a CPU: no thread of"
-        " the chain runs (wake-up latency).",
+        " the chain runs (wake-up latency); woken: how many times the kernel woke a thread of"
+        " the process (each wake-up of an idle process is a hop, and on these VMs costs both"
+        " sides CPU time).",
         "",
-        "| server | requests | wall us | "
+        "| workload | server | requests | wall us | "
         + " | ".join(f"{c} on CPU" for c in columns)
-        + " | none on a CPU |",
-        "|---|---|---|" + "---|" * (len(columns) + 1),
+        + " | none on a CPU | woken: "
+        + " / ".join(columns)
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(columns) + 2),
     ]
-    for server, key in (("remem k=2", "remem k=2"), ("nbdkit memory", "nbdkit")):
-        measured = figures[key]
-        request = measured["phases"]["request"]
-        cells = [
-            f"{request[f'{c} on cpu us']:.1f}" if f"{c} on cpu us" in request else ""
-            for c in columns
-        ]
-        lines.append(
-            f"| {server} | {measured['chains']:,} | {measured['request median us']:.1f} | "
-            + " | ".join(cells)
-            + f" | {request['none on cpu us']:.1f} |"
-        )
+    for workload in WORKLOADS:
+        if workload not in figures:
+            continue
+        for server, key in (("remem k=2", "remem k=2"), ("nbdkit memory", "nbdkit")):
+            measured = figures[workload][key]
+            request = measured["phases"]["request"]
+            cells = [
+                f"{request[f'{c} on cpu us']:.1f}" if f"{c} on cpu us" in request else ""
+                for c in columns
+            ]
+            woken = " / ".join(
+                f"{request[f'{c} woken']:g}" if f"{c} woken" in request else "-" for c in columns
+            )
+            lines.append(
+                f"| {workload} 4k qd1 | {server} | {measured['chains']:,} | "
+                f"{measured['request median us']:.1f} | "
+                + " | ".join(cells)
+                + f" | {request['none on cpu us']:.1f} | {woken} |"
+            )
     return "\n".join(lines)
 
 

@@ -447,16 +447,16 @@ def _memory_section(results: dict[str, Any], targets: list[Target]) -> list[str]
 
 
 def _phases_section(results: dict[str, Any]) -> list[str]:
-    out = ["## Where a QD1 read's time goes (root)", ""]
+    out = ["## Where a QD1 read's and write's time goes (root)", ""]
     phases = results.get("phases")
     skipped = _skipped(phases)
     if skipped or phases is None:
         return [*out, skipped or "n/a", ""]
     out += [
-        "fio reads 4 KiB at random at QD1 while `perf record` takes the kernel's sched_wakeup"
-        " and sched_switch events (tests/bench/phases.py): from one of fio's wake-ups to the"
-        " next is one request, split into each process's time on a CPU and the time none of"
-        " them runs (the hops between processes).",
+        "fio reads, then writes, 4 KiB at random at QD1 while `perf record` takes the kernel's"
+        " sched_wakeup and sched_switch events (tests/bench/phases.py): from one of fio's"
+        " wake-ups to the next is one request, split into each process's time on a CPU, the"
+        " time none of them runs (the hops between processes) and each process's wake-ups.",
         "",
         render_phases(phases),
         "",
@@ -542,9 +542,9 @@ def _what_section(settings: dict[str, Any]) -> list[str]:
         "- **Page server overhead**: `remem_pageserver.bench` (`make bench-pageserver`),"
         f" {settings.get('pageserver_pages', 0):,} pages put into one page server; its RSS"
         " minus the page bytes, over the page bytes (the Python process itself included).",
-        "- **QD1 read breakdown**: tests/bench/phases.py; per request (fio wake-up to fio"
-        " wake-up) the median time each process spent on a CPU, from the kernel's scheduler"
-        " events, and the time none ran.",
+        "- **QD1 read and write breakdown**: tests/bench/phases.py; per request (fio wake-up"
+        " to fio wake-up) the median time each process spent on a CPU, from the kernel's"
+        " scheduler events, the time none ran, and how often each process was woken.",
         "- **Kernel swap**: tests/system/kernel_swap.py's hog under a memory cgroup; the hog's"
         " own wall time from its first write to its last check (`hog s`).",
         "",

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import re
 
-from tests.bench.phases import HOPS, PHASES, breakdown, busy_union, chains, parse_perf_script
+from tests.bench.phases import (
+    HOPS,
+    PHASES,
+    WORKLOADS,
+    breakdown,
+    busy_union,
+    chains,
+    parse_perf_script,
+    render,
+)
 
 FIO, CLIENT, IO_THREAD, SERVER = 100, 200, 301, 300
 ROLES = {"fio": {FIO}, "client": {CLIENT}, "page server": {SERVER, IO_THREAD}}
@@ -81,3 +90,34 @@ def test_time_on_a_cpu_of_threads_overlapping_on_two_cpus_is_counted_once() -> N
     ]
     trace = parse_perf_script("\n".join(on_two_cpus))
     assert round(busy_union(trace, {CLIENT, SERVER}, 1000.0, 1000.0001) * 1e6) == 50
+
+
+def test_each_role_is_counted_once_per_wakeup_within_a_request() -> None:
+    # As `request`, but the page server's reply wakes the client twice (two replicas).
+    def twice(t: int) -> list[str]:
+        lines = request(t)
+        return [*lines[:7], wakeup(t + 107, SERVER, CLIENT), *lines[7:]]
+
+    trace = parse_perf_script("\n".join([*twice(0), *twice(200), *twice(400)]))
+    request_figures = breakdown(trace, ROLES, HOPS, PHASES)["phases"]["request"]
+    assert request_figures["fio woken"] == 1
+    assert request_figures["client woken"] == 3  # by fio, then by each reply
+    assert request_figures["page server woken"] == 2  # its I/O thread, then its server thread
+
+
+def test_the_table_has_a_row_per_workload_and_server() -> None:
+    trace = parse_perf_script("\n".join([*request(0), *request(200), *request(400)]))
+    remem = breakdown(trace, ROLES, HOPS, PHASES)
+    nbdkit_roles = {"fio": {FIO}, "nbdkit": {CLIENT, SERVER, IO_THREAD}}
+    nbdkit = breakdown(trace, nbdkit_roles, HOPS, PHASES)
+    table = render({w: {"nbdkit": nbdkit, "remem k=2": remem} for w in WORKLOADS})
+    rows = [line for line in table.splitlines() if line.startswith("| rand")]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        ["| randread 4k qd1", "remem k=2"],
+        ["| randread 4k qd1", "nbdkit memory"],
+        ["| randwrite 4k qd1", "remem k=2"],
+        ["| randwrite 4k qd1", "nbdkit memory"],
+    ]
+    # remem's wake-ups: client 2 (fio's request, the reply), page server 2, no mirror
+    # role in this trace, nbdkit none, fio 1.
+    assert rows[0].endswith("| 2 / 2 / - / - / 1 |")
