@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, cast
 
 from remem_common.zmtp import (
     GREETING,
-    UNIX_SEND_BUFFER,
     FrameReader,
     ZmtpError,
+    enlarge_unix_send_buffer,
     ready_command,
     zmtp_buffers,
 )
@@ -212,13 +211,8 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's stream transports are not asyncio.Transport subclasses, though alike.
         self._transport = cast(asyncio.Transport, transport)
-        # A page-out batch of up to 4 MiB leaves in one piece (UNIX_SEND_BUFFER).
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
-            except OSError as exc:  # a smaller buffer is slower, not wrong
-                log.debug("cannot enlarge the send buffer to %s: %s", self._dealer.endpoint, exc)
+        # A page-out batch of up to 4 MiB leaves in one piece.
+        enlarge_unix_send_buffer(transport.get_extra_info("socket"))
         self._transport.write(GREETING + ready_command(b"DEALER"))
 
     def _on_command(self, name: bytes, properties: dict[bytes, bytes]) -> None:

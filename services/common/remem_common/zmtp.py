@@ -21,6 +21,8 @@ gathered write.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,6 +57,15 @@ _SHORT_HEADERS = [bytes([flags, size]) for flags in (0, _MORE) for size in range
 # 4 MiB message crossed the default buffer in ~19 pieces, each waking both ends. TCP keeps
 # the kernel's autotuning, which a fixed SO_SNDBUF would turn off.
 UNIX_SEND_BUFFER = 4 << 20
+
+
+def enlarge_unix_send_buffer(sock: Any) -> None:
+    """Ask for UNIX_SEND_BUFFER on `sock` if it is a Unix socket (a socket.socket or an
+    event loop's transport socket); a refusal only leaves it slower, so it is not raised."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
 
 
 class ZmtpError(Exception):
@@ -294,6 +305,7 @@ __all__ = [
     "ZmtpError",
     "check_greeting",
     "command_frame",
+    "enlarge_unix_send_buffer",
     "parse_command",
     "pong_command",
     "ready_command",

@@ -62,9 +62,9 @@ from typing import Any
 
 from remem_common.zmtp import (
     GREETING,
-    UNIX_SEND_BUFFER,
     FrameReader,
     ZmtpError,
+    enlarge_unix_send_buffer,
     pong_command,
     ready_command,
     zmtp_buffers,
@@ -361,8 +361,7 @@ class ZmtpRouter:
             sock.setblocking(False)
             if self._tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            else:  # replies of up to 4 MiB (a batch's pages) leave in one piece
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+            enlarge_unix_send_buffer(sock)  # replies of a 4 MiB batch leave in one piece
             peer = _Peer(sock, self)
             self._peers[sock.fileno()] = peer
             self._epoll.register(sock.fileno(), _IN)
